@@ -1,0 +1,65 @@
+"""Multi-head attention over windows: queries of one window read keys/values gathered for that window."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+@dataclass
+class AttentionRecord:
+    """Attention weights of one call, kept only while recording (see :func:`atlas.viz.record_attention`).
+
+    ``weights``: ``(B, nW, heads, Tq, Tk)``; ``keys``: for each group of keys, in order, the scale they come
+    from and, per query window, the window of that scale they were taken from (``(nW,)`` long tensor).
+    """
+
+    kind: str  # "top_down" or "bottom_up"
+    query_scale: int
+    weights: torch.Tensor
+    keys: list[tuple[int, torch.Tensor | None]]
+
+
+class WindowAttention(nn.Module):
+    """Projections of one scale: ``q`` (C->C), ``kv`` (C->2C), ``proj`` (C->C), with multi-head SDPA."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.records: list[AttentionRecord] | None = None  # a list only while recording
+
+    def forward(
+        self,
+        q_windows: torch.Tensor,
+        kv_windows: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
+        record: tuple | None = None,
+    ) -> torch.Tensor:
+        """Attend ``(B, nW, Tq, C)`` queries to ``(B, nW, Tk, 2C)`` keys/values; returns ``(B, nW, Tq, C)``.
+
+        ``key_mask``: ``(nW, Tk)`` bool, True where a key may be read (padding is False). The output is
+        before ``proj``. ``record`` is ``(kind, query_scale, keys)``, used only while recording.
+        """
+        q = rearrange(q_windows, "b n t (h d) -> b n h t d", h=self.num_heads)
+        k, v = rearrange(kv_windows, "b n t (two h d) -> two b n h t d", two=2, h=self.num_heads)
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        if self.records is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            weights = scores.softmax(dim=-1)
+            out = weights @ v
+            kind, query_scale, keys = record
+            self.records.append(AttentionRecord(kind, query_scale, weights.detach(), keys))
+        return rearrange(out, "b n h t d -> b n t (h d)")

@@ -1,0 +1,94 @@
+"""Load checkpoints of the released Atlas implementation into :class:`atlas.model.Atlas`.
+
+The released model keeps one sub-model per stage (``atlas_models.{stage}``) whose blocks hold one layer
+per active scale (``levels.0.blocks.{block}.blocks.{scale}``) and one position MLP per scale
+(``posemb.{scale}.projector``). Each stage also carries a BatchNorm and a classifier that its forward pass
+never calls; they are dropped. Everything else maps one to one::
+
+    python -m atlas.convert released.pth converted.pth
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import torch
+
+# (pattern over a released key, replacement in our naming); the first match wins, None drops the key.
+RULES: list[tuple[str, str | None]] = [
+    (r"^atlas_models\.\d+\.(norm|head)\.", None),
+    (r"^atlas_models\.0\.patch_embed\.conv0\.(\d+)\.", r"stem.embed.\1."),
+    (r"^atlas_models\.0\.patch_embed\.conv([12])\.(\d+)\.conv_block([12])\.0\.", r"stem.stage\1.\2.conv\3."),
+    (r"^atlas_models\.0\.patch_embed\.conv([12])\.(\d+)\.conv_block([12])\.1\.", r"stem.stage\1.\2.bn\3."),
+    (r"^atlas_models\.0\.patch_embed\.ds([12])\.", r"stem.down\1."),
+    (
+        r"^atlas_models\.(\d+)\.levels\.0\.blocks\.(\d+)\.posemb\.(\d+)\.projector\.0\.",
+        r"stages.\1.blocks.\2.scales.\3.pos.fc1.",
+    ),
+    (
+        r"^atlas_models\.(\d+)\.levels\.0\.blocks\.(\d+)\.posemb\.(\d+)\.projector\.2\.",
+        r"stages.\1.blocks.\2.scales.\3.pos.fc2.",
+    ),
+    (
+        r"^atlas_models\.(\d+)\.levels\.0\.blocks\.(\d+)\.blocks\.(\d+)\.norm1_(q|kv)\.",
+        r"stages.\1.blocks.\2.scales.\3.norm_\4.",
+    ),
+    (
+        r"^atlas_models\.(\d+)\.levels\.0\.blocks\.(\d+)\.blocks\.(\d+)\.(attn|norm2|mlp)\.",
+        r"stages.\1.blocks.\2.scales.\3.\4.",
+    ),
+    (r"^(readout_norm|fc_norm)\.", r"\1."),
+    (r"^fc\.", "head."),
+]
+
+
+def is_released_state_dict(state_dict: dict) -> bool:
+    return any(key.startswith("atlas_models.") for key in state_dict)
+
+
+def convert_released_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a released state dict to ours; a key no rule knows is a KeyError naming it."""
+    converted = {}
+    for key, value in state_dict.items():
+        for pattern, replacement in RULES:
+            if re.match(pattern, key):
+                if replacement is not None:
+                    converted[re.sub(pattern, replacement, key)] = value
+                break
+        else:
+            raise KeyError(f"key {key!r} is not part of the released Atlas format this converter knows")
+    return converted
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint safely (``weights_only=True``), unwrapping a ``state_dict``/``model`` entry."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model"):
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(wrapper), dict):
+            checkpoint = checkpoint[wrapper]
+    return checkpoint
+
+
+def load_released(model: torch.nn.Module, source: str | Path | dict) -> torch.nn.Module:
+    """Load released weights (a path or a state dict) into ``model`` with ``strict=True``."""
+    state_dict = source if isinstance(source, dict) else load_state_dict_file(source)
+    model.load_state_dict(convert_released_state_dict(state_dict), strict=True)
+    return model
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Convert a released Atlas checkpoint to this package's format")
+    parser.add_argument("source", type=Path, help="released checkpoint (.pth/.pt)")
+    parser.add_argument("output", type=Path, help="where to write the converted state dict")
+    args = parser.parse_args(argv)
+    torch.save(convert_released_state_dict(load_state_dict_file(args.source)), args.output)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,296 @@
+"""Atlas (the paper's Algorithm 2): stem -> scales -> one stage per scale, dropping the finest -> readout.
+
+The named models are registered with timm, so that after ``import atlas``::
+
+    timm.create_model("atlas_base_patch16", img_size=1024, num_classes=100, drop_path_rate=0.3)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+
+import torch
+from timm.models import build_model_with_cfg, register_model
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .msa import BlockGeometry, MSABlock
+from .scales import ROUTINGS, MultiScaleLayout, build_pyramid, image_to_map, map_to_tokens
+from .stem import ConvStem
+
+# Blocks per stage, by number of scales. Two scales (1024px) is the paper's "D2D10"; three scales
+# (2048px, 4096px) is our choice, the paper does not state it.
+DEPTHS_BASE = {1: (12,), 2: (2, 10), 3: (2, 2, 8), 4: (2, 2, 2, 6)}
+DEPTHS_TINY = {1: (6,), 2: (2, 4), 3: (2, 2, 2), 4: (1, 1, 2, 2)}
+
+
+@dataclass
+class AtlasConfig:
+    """Everything that defines an Atlas model. ``depths=None`` picks ``depths_by_scales[num_scales]``."""
+
+    img_size: tuple[int, int] = (1024, 1024)
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 768
+    num_heads: int = 12
+    stem_width: int = 192
+    mlp_ratio: float = 4.0
+    patch_size: int = 16
+    window_size: int = 16
+    pool_stride: int = 4
+    depths: tuple[int, ...] | None = None
+    depths_by_scales: dict[int, tuple[int, ...]] = field(default_factory=lambda: dict(DEPTHS_BASE))
+    drop_path_rate: float = 0.0
+    drop_rate: float = 0.0
+    multiscale: bool = True
+    top_down: bool = True
+    bottom_up: bool = True
+    routing: str = "containing"
+
+    def __post_init__(self):
+        if isinstance(self.img_size, int):
+            self.img_size = (self.img_size, self.img_size)
+        self.img_size = tuple(self.img_size)
+        problems = []
+        if len(self.img_size) != 2 or min(self.img_size) < self.patch_size:
+            problems.append(f"img_size must be (H, W) with both sides >= patch_size {self.patch_size}")
+        if self.embed_dim % self.num_heads:
+            problems.append(f"embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}")
+        if self.embed_dim != 4 * self.stem_width:
+            problems.append(f"embed_dim {self.embed_dim} must be 4 * stem_width ({4 * self.stem_width})")
+        if self.pool_stride < 2 or self.window_size % self.pool_stride:
+            problems.append(
+                f"window_size {self.window_size} must be a multiple of pool_stride {self.pool_stride} (>= 2)"
+            )
+        if self.routing not in ROUTINGS:
+            problems.append(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            problems.append(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if self.in_chans < 1 or self.num_classes < 0:
+            problems.append(f"in_chans must be >= 1 and num_classes >= 0, got {self.in_chans}, {self.num_classes}")
+        if problems:
+            raise ValueError("invalid Atlas config: " + "; ".join(problems))
+        if self.depths is None:
+            n = self.layout.num_scales
+            if n not in self.depths_by_scales:
+                raise ValueError(
+                    f"img_size {self.img_size} gives {n} scales; default depths exist for "
+                    f"{sorted(self.depths_by_scales)} scales: pass depths=(d_1, ..., d_{n})"
+                )
+            self.depths = self.depths_by_scales[n]
+        self.depths = tuple(self.depths)
+        if len(self.depths) != self.layout.num_scales or min(self.depths) < 1:
+            raise ValueError(
+                f"depths {self.depths} must give >= 1 block for each of the {self.layout.num_scales} scales "
+                f"of img_size {self.img_size}"
+            )
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> AtlasConfig:
+        """Like ``AtlasConfig(**kwargs)`` but an unknown key is a ValueError naming the closest valid one."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in kwargs:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"unknown Atlas config key {key!r}{hint}; valid keys: {', '.join(names)}")
+        return cls(**kwargs)
+
+    def token_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """Token grid of an image: each strided convolution of the stem rounds up."""
+        return (math.ceil(image_size[0] / self.patch_size), math.ceil(image_size[1] / self.patch_size))
+
+    def layout_for(self, image_size: tuple[int, int]) -> MultiScaleLayout:
+        return MultiScaleLayout(self.token_size(image_size), self.window_size, self.pool_stride, self.multiscale)
+
+    @property
+    def layout(self) -> MultiScaleLayout:
+        return self.layout_for(self.img_size)
+
+
+class AtlasStage(nn.Module):
+    """``depth`` MSA blocks over the scales ``first .. L-1``."""
+
+    def __init__(self, config: AtlasConfig, num_scales: int, drop_path_rates: list[float]):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            MSABlock(
+                config.embed_dim,
+                config.num_heads,
+                num_scales,
+                config.mlp_ratio,
+                rate,
+                config.top_down,
+                config.bottom_up,
+            )
+            for rate in drop_path_rates
+        )
+        self.grad_checkpointing = False
+
+    def forward(self, maps: list[torch.Tensor], geo: BlockGeometry) -> list[torch.Tensor]:
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                maps = checkpoint(block, maps, geo, use_reentrant=False)
+            else:
+                maps = block(maps, geo)
+        return maps
+
+
+class Atlas(nn.Module):
+    """Atlas: ``(B, in_chans, H, W)`` images -> ``(B, num_classes)`` logits.
+
+    Build with a config, ``Atlas(AtlasConfig(...))``, or with its fields, ``Atlas(embed_dim=384, ...)``.
+    The model accepts any input size with as many scales as it was built for (``img_size`` decides that).
+    """
+
+    def __init__(self, config: AtlasConfig | None = None, **kwargs):
+        super().__init__()
+        if config is None:
+            config = AtlasConfig.from_kwargs(**kwargs)
+        elif kwargs:
+            config = dataclasses.replace(config, **kwargs)
+        self.config = config
+        self.num_classes = config.num_classes
+        self.num_features = self.embed_dim = config.embed_dim
+        self.stem = ConvStem(config.in_chans, config.stem_width, config.patch_size)
+        num_scales = len(config.depths)
+        self.stages = nn.ModuleList(
+            AtlasStage(config, num_scales - i, torch.linspace(0, config.drop_path_rate, d).tolist())
+            for i, d in enumerate(config.depths)
+        )
+        self.readout_norm = nn.LayerNorm(config.embed_dim)
+        self.fc_norm = nn.LayerNorm(config.embed_dim)
+        self.head_drop = nn.Dropout(config.drop_rate)
+        self.head = nn.Linear(config.embed_dim, config.num_classes) if config.num_classes else nn.Identity()
+
+    # -- the forward pass, top to bottom ------------------------------------------------------------
+    def check_input(self, x: torch.Tensor) -> MultiScaleLayout:
+        """Validate a ``(B, C, H, W)`` batch and return its multi-scale layout."""
+        cfg = self.config
+        if x.ndim != 4 or x.shape[1] != cfg.in_chans:
+            raise ValueError(
+                f"expected images of shape (B, {cfg.in_chans}, H, W) for in_chans={cfg.in_chans}, "
+                f"got {tuple(x.shape)}; build the model with in_chans={x.shape[1] if x.ndim == 4 else '?'} "
+                "for other channel counts"
+            )
+        size = tuple(x.shape[-2:])
+        if min(size) < cfg.patch_size:
+            raise ValueError(
+                f"image {size[0]}x{size[1]} is smaller than one {cfg.patch_size}x{cfg.patch_size} patch; "
+                f"both sides must be >= {cfg.patch_size}"
+            )
+        layout = cfg.layout_for(size)
+        if layout.num_scales != len(self.stages):
+            raise ValueError(
+                f"image {size[0]}x{size[1]} gives {layout.num_scales} scales but this model was built for "
+                f"{len(self.stages)} (img_size={cfg.img_size}); feed sizes with {len(self.stages)} scales or "
+                f"build the model with img_size={size}"
+            )
+        return layout
+
+    def forward_stages(self, x: torch.Tensor) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+        """Images -> (stem output ``(B, C, h, w)``, per stage the list of its ``(B, h_l, w_l, C)`` maps)."""
+        layout = self.check_input(x)
+        stem_bchw = self.stem(x)
+        maps = build_pyramid(image_to_map(stem_bchw), layout)
+        outputs = []
+        for first, stage in enumerate(self.stages):
+            geo = BlockGeometry.build(layout, first, self.config.routing, self.config.top_down, x.device)
+            maps = stage(maps, geo)
+            outputs.append(maps)
+            maps = maps[1:]  # progressive scale dropping
+        return stem_bchw, outputs
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> ``(B, N, C)`` tokens of the coarsest scale after the last stage."""
+        return map_to_tokens(self.forward_stages(x)[1][-1][-1])
+
+    def forward_head(self, tokens_bnc: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """``(B, N, C)`` tokens -> LayerNorm, mean over tokens, LayerNorm, (dropout, Linear)."""
+        pooled = self.fc_norm(self.readout_norm(tokens_bnc).mean(dim=1))
+        return pooled if pre_logits else self.head(self.head_drop(pooled))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    # -- what timm and training scripts expect of a backbone ------------------------------------------
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes else nn.Identity()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return {"stem": r"^stem", "blocks": r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.blocks\.(\d+)"}
+
+
+def checkpoint_filter_fn(state_dict: dict, model: Atlas) -> dict:
+    """Accept our own state dicts and the released implementation's (converted by :mod:`atlas.convert`)."""
+    from .convert import convert_released_state_dict, is_released_state_dict
+
+    state_dict = state_dict.get("state_dict", state_dict.get("model", state_dict))
+    return convert_released_state_dict(state_dict) if is_released_state_dict(state_dict) else state_dict
+
+
+def _cfg(**kwargs) -> dict:
+    return {
+        "num_classes": 100,
+        "input_size": (3, 1024, 1024),
+        "pool_size": None,
+        "crop_pct": 1.0,
+        "interpolation": "bicubic",
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "first_conv": "stem.embed.0",
+        "classifier": "head",
+        "license": "mit",
+        **kwargs,
+    }
+
+
+default_cfgs = {
+    "atlas_tiny_patch16": _cfg(input_size=(3, 256, 256)),
+    "atlas_small_patch16": _cfg(),
+    "atlas_base_patch16": _cfg(),
+}
+
+MODEL_ARGS = {
+    "atlas_tiny_patch16": dict(embed_dim=192, num_heads=3, stem_width=48, depths_by_scales=DEPTHS_TINY),
+    "atlas_small_patch16": dict(embed_dim=384, num_heads=6, stem_width=96),
+    "atlas_base_patch16": dict(embed_dim=768, num_heads=12, stem_width=192),
+}
+
+
+def _create_atlas(variant: str, pretrained: bool = False, **kwargs) -> Atlas:
+    kwargs.setdefault("img_size", default_cfgs[variant]["input_size"][1:])
+    kwargs.setdefault("num_classes", default_cfgs[variant]["num_classes"])
+    kwargs = {**MODEL_ARGS[variant], **kwargs}
+    return build_model_with_cfg(
+        Atlas, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs
+    )
+
+
+@register_model
+def atlas_tiny_patch16(pretrained: bool = False, **kwargs) -> Atlas:
+    """Atlas-T/16 (C=192, 3 heads, stem width 48): ours, small enough to train on a CPU."""
+    return _create_atlas("atlas_tiny_patch16", pretrained, **kwargs)
+
+
+@register_model
+def atlas_small_patch16(pretrained: bool = False, **kwargs) -> Atlas:
+    """Atlas-S/16 (C=384, 6 heads, stem width 96), the paper's Table 2 model."""
+    return _create_atlas("atlas_small_patch16", pretrained, **kwargs)
+
+
+@register_model
+def atlas_base_patch16(pretrained: bool = False, **kwargs) -> Atlas:
+    """Atlas-B/16 (C=768, 12 heads, stem width 192), the paper's Table 1 model."""
+    return _create_atlas("atlas_base_patch16", pretrained, **kwargs)

@@ -273,9 +273,7 @@ def _create_atlas(variant: str, pretrained: bool = False, **kwargs) -> Atlas:
     kwargs.setdefault("img_size", default_cfgs[variant]["input_size"][1:])
     kwargs.setdefault("num_classes", default_cfgs[variant]["num_classes"])
     kwargs = {**MODEL_ARGS[variant], **kwargs}
-    return build_model_with_cfg(
-        Atlas, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs
-    )
+    return build_model_with_cfg(Atlas, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
 @register_model

@@ -150,7 +150,7 @@ class MSABlock(nn.Module):
         """``maps``: one ``(B, h_l, w_l, C)`` map per active scale, finest first; returns the updated maps."""
         if len(maps) != len(self.scales):
             raise ValueError(f"this block has weights for {len(self.scales)} scales, got {len(maps)}")
-        maps = [x + layer.pos(sc.window, sc.size) for x, layer, sc in zip(maps, self.scales, geo.scales)]
+        maps = [x + layer.pos(sc.window, sc.size) for x, layer, sc in zip(maps, self.scales, geo.scales, strict=True)]
         for l in range(len(maps) - 1):
             maps[l + 1] = maps[l + 1] + pool_map(maps[l], geo.pool_stride)
         projected = _Projections(self.scales, maps)

@@ -1,0 +1,191 @@
+"""Attention maps and drawings of scales and windows over an image.
+
+Recording is off by default and costs nothing then; inside :func:`record_attention` every attention call
+computes its weights explicitly and keeps them::
+
+    with record_attention(model) as maps:
+        model(images)
+    grids = maps.query(stage=0, block=1, scale=0, head=0, query=(20, 33))  # {scale: (h_s, w_s) weights}
+
+Plotting needs matplotlib (the ``notebooks`` extra); it is imported only by the functions that draw.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .attention import AttentionRecord, WindowAttention
+from .model import Atlas
+from .scales import MultiScaleLayout, Scale
+
+_ADDRESS = re.compile(r"stages\.(\d+)\.blocks\.(\d+)\.scales\.(\d+)\.attn$")
+
+
+@dataclass
+class AttentionMaps:
+    """The attention weights of one forward pass, addressed by ``(stage, block, kind, query scale)``."""
+
+    layout: MultiScaleLayout | None = None
+    records: dict[tuple[int, int, str, int], AttentionRecord] = field(default_factory=dict)
+
+    def keys(self) -> list[tuple[int, int, str, int]]:
+        return sorted(self.records)
+
+    def query(
+        self,
+        stage: int,
+        block: int,
+        scale: int,
+        query: tuple[int, int],
+        head: int | None = None,
+        kind: str = "top_down",
+        batch: int = 0,
+    ) -> dict[int, np.ndarray]:
+        """Where token ``query`` = (row, col) of ``scale`` attends: ``{key scale: (h_s, w_s) weights}``.
+
+        ``head=None`` averages the heads. Scales are absolute (0 = finest). Tokens a query does not read are 0.
+        """
+        record = self.records[stage, block, kind, scale]
+        scales = self.layout.scales
+        window, token = _query_position(scales, record, query, self.layout.pool_stride)
+        weights = record.weights[batch, window]  # (heads, Tq, Tk)
+        weights = weights.mean(0) if head is None else weights[head]
+        row = weights[token].float().cpu().numpy()
+        grids, offset = {}, 0
+        for key_scale, windows in record.keys:
+            sc = scales[key_scale]
+            key_window = window if windows is None else int(windows[window])
+            grid = grids.setdefault(key_scale, np.zeros(sc.size, dtype=np.float32))
+            _scatter_window(grid, sc, key_window, row[offset : offset + sc.tokens_per_window])
+            offset += sc.tokens_per_window
+        return grids
+
+
+def _query_position(scales, record: AttentionRecord, query: tuple[int, int], pool_stride: int) -> tuple[int, int]:
+    """(window, token in window) of a query token, in the window layout the record's queries used."""
+    if record.kind == "top_down":
+        wh, ww = scales[record.query_scale].window
+        grid_cols = scales[record.query_scale].grid[1]
+    else:  # bottom-up queries are grouped by the window of the finer scale that they summarise
+        finer = scales[record.query_scale - 1]
+        wh = ww = finer.window[0] // pool_stride
+        grid_cols = finer.grid[1]
+    r, c = query
+    return (r // wh) * grid_cols + c // ww, (r % wh) * ww + c % ww
+
+
+def _scatter_window(grid: np.ndarray, scale: Scale, window: int, values: np.ndarray) -> None:
+    """Write one window's ``values`` (row-major tokens) into the ``(h, w)`` grid of ``scale``, dropping padding."""
+    wh, ww = scale.window
+    r0, c0 = (window // scale.grid[1]) * wh, (window % scale.grid[1]) * ww
+    block = values.reshape(wh, ww)
+    h, w = min(wh, scale.size[0] - r0), min(ww, scale.size[1] - c0)
+    grid[r0 : r0 + h, c0 : c0 + w] += block[:h, :w]
+
+
+@contextlib.contextmanager
+def record_attention(model: Atlas) -> Iterator[AttentionMaps]:
+    """Record the attention weights of every block while the context is open (one forward pass)."""
+    modules = {name: m for name, m in model.named_modules() if isinstance(m, WindowAttention)}
+    for module in modules.values():
+        module.records = []
+    maps = AttentionMaps()
+
+    def remember_layout(_, args):
+        maps.layout = model.config.layout_for(tuple(args[0].shape[-2:]))
+
+    hook = model.register_forward_pre_hook(remember_layout)
+    try:
+        yield maps
+    finally:
+        hook.remove()
+        for name, module in modules.items():
+            stage, block, _ = (int(g) for g in _ADDRESS.search(name).groups())
+            for record in module.records:
+                maps.records[stage, block, record.kind, record.query_scale] = record
+            module.records = None
+
+
+def upsample_to(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour upsampling of an ``(h, w)`` grid to ``size`` pixels (for overlays)."""
+    rows = (np.arange(size[0]) * grid.shape[0]) // size[0]
+    cols = (np.arange(size[1]) * grid.shape[1]) // size[1]
+    return grid[rows[:, None], cols[None, :]]
+
+
+def draw_windows(ax, layout: MultiScaleLayout, image_size: tuple[int, int], scale: int, **line_kwargs) -> None:
+    """Draw the window borders of ``scale`` over an image of ``image_size`` pixels on a matplotlib axis."""
+    sc = layout.scales[scale]
+    px_per_token = (
+        image_size[0] / layout.scales[0].size[0] * layout.pool_stride**scale,
+        image_size[1] / layout.scales[0].size[1] * layout.pool_stride**scale,
+    )
+    style = {"color": "white", "linewidth": 1.0, **line_kwargs}
+    for i in range(sc.grid[0] + 1):
+        y = min(i * sc.window[0] * px_per_token[0], image_size[0]) - 0.5
+        ax.plot([-0.5, image_size[1] - 0.5], [y, y], **style)
+    for j in range(sc.grid[1] + 1):
+        x = min(j * sc.window[1] * px_per_token[1], image_size[1]) - 0.5
+        ax.plot([x, x], [-0.5, image_size[0] - 0.5], **style)
+
+
+def plot_scales(image: np.ndarray, layout: MultiScaleLayout, maps: list[torch.Tensor] | None = None):
+    """One panel per scale: the image (or a scale's feature norm) with that scale's windows drawn over it.
+
+    ``image``: ``(H, W, 3)`` or ``(H, W)`` array. ``maps``: optional ``(h, w, C)`` maps, one per scale, shown as
+    their per-token L2 norm. Returns the matplotlib figure.
+    """
+    import matplotlib.pyplot as plt
+
+    n = layout.num_scales
+    fig, axes = plt.subplots(1, n, figsize=(4 * n, 4), squeeze=False)
+    size = image.shape[:2]
+    for s, ax in enumerate(axes[0]):
+        sc = layout.scales[s]
+        if maps is None:
+            ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
+        else:
+            ax.imshow(upsample_to(maps[s].norm(dim=-1).detach().cpu().numpy(), size), cmap="magma")
+        draw_windows(ax, layout, size, s)
+        ax.set_title(f"scale {s + 1}: {sc.size[0]}x{sc.size[1]} tokens, {sc.grid[0]}x{sc.grid[1]} windows")
+        ax.set_axis_off()
+    fig.tight_layout()
+    return fig
+
+
+def plot_attention(
+    image: np.ndarray, grids: dict[int, np.ndarray], query_scale: int, query: tuple[int, int], layout: MultiScaleLayout
+):
+    """Overlay a query's attention at every key scale on the image, marking the query token."""
+    import matplotlib.pyplot as plt
+
+    size = image.shape[:2]
+    fig, axes = plt.subplots(1, len(grids), figsize=(4 * len(grids), 4), squeeze=False)
+    for ax, (scale, grid) in zip(axes[0], sorted(grids.items()), strict=True):
+        ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
+        ax.imshow(upsample_to(grid / max(grid.max(), 1e-12), size), cmap="inferno", alpha=0.6)
+        draw_windows(ax, layout, size, scale, linewidth=0.5)
+        ax.set_title(f"keys at scale {scale + 1}")
+        ax.set_axis_off()
+    qsc = layout.scales[query_scale]
+    tok_px = (size[0] / qsc.size[0], size[1] / qsc.size[1])
+    for ax in axes[0]:
+        ax.add_patch(
+            plt.Rectangle(
+                (query[1] * tok_px[1] - 0.5, query[0] * tok_px[0] - 0.5),
+                tok_px[1],
+                tok_px[0],
+                fill=False,
+                edgecolor="cyan",
+                linewidth=2,
+            )
+        )
+    fig.suptitle(f"query token {query} at scale {query_scale + 1}")
+    fig.tight_layout()
+    return fig

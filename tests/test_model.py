@@ -1,0 +1,187 @@
+"""Atlas as a whole: size, timm, receptive field, padding, QKV reuse, errors, conversion."""
+
+import re
+
+import pytest
+import timm
+import torch
+
+import atlas
+from atlas import Atlas, AtlasConfig, convert_released_state_dict
+from atlas.msa import BlockGeometry, MSABlock
+from atlas.scales import MultiScaleLayout, build_pyramid
+
+TINY = dict(embed_dim=32, num_heads=2, stem_width=8, num_classes=5)
+
+
+def test_atlas_b16_1024_has_the_papers_parameter_count():
+    model = timm.create_model("atlas_base_patch16", img_size=1024, num_classes=100, drop_path_rate=0.3)
+    assert isinstance(model, Atlas)
+    assert sum(p.numel() for p in model.parameters()) == 118_253_604
+    assert model.config.depths == (2, 10)
+    rates = [[b.scales[0].drop_path.drop_prob if b.scales[0].drop_path.__class__.__name__ == "DropPath" else 0.0
+              for b in stage.blocks] for stage in model.stages]
+    assert rates[0] == pytest.approx([0.0, 0.3]) and rates[1][0] == 0.0 and rates[1][-1] == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("name", ["atlas_tiny_patch16", "atlas_small_patch16", "atlas_base_patch16"])
+def test_named_models_are_registered_with_timm(name):
+    assert name in timm.list_models("atlas_*")
+    model = timm.create_model(name, img_size=320, num_classes=3, in_chans=1, depths=(1, 1))
+    out = model(torch.randn(2, 1, 320, 288))
+    assert out.shape == (2, 3)
+
+
+def test_one_channel_non_square_input_runs_and_backpropagates():
+    model = Atlas(img_size=(80, 300), in_chans=1, **TINY)
+    x = torch.randn(2, 1, 80, 300, requires_grad=True)
+    model(x).sum().backward()
+    assert x.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    model = Atlas(img_size=128, **TINY).eval()
+    x = torch.randn(1, 3, 128, 128)
+    model(x).sum().backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).sum().backward()
+    for a, p in zip(plain, model.parameters(), strict=True):
+        torch.testing.assert_close(a, p.grad)
+
+
+def scale0_receptive_field(multiscale: bool, token: tuple[int, int]):
+    layout = MultiScaleLayout((32, 32), 8, 4, multiscale=multiscale)
+    block = MSABlock(16, 2, layout.num_scales).eval()
+    x_map = torch.randn(1, 32, 32, 16, requires_grad=True)
+    out = block(build_pyramid(x_map, layout), BlockGeometry.build(layout, 0, "containing", True))
+    out[0][0, token[0], token[1]].sum().backward()
+    per_window = x_map.grad.abs().sum(-1)[0].reshape(4, 8, 4, 8).permute(0, 2, 1, 3).reshape(16, 64)
+    return per_window
+
+
+def test_top_down_reaches_every_window_after_one_block():
+    per_window = scale0_receptive_field(True, (3, 5))
+    assert (per_window.sum(1) > 0).all()  # every window of the input contributes
+    assert (per_window == 0).any()  # max-pooling passes gradient only to each region's maximum
+
+
+def test_window_attention_alone_stays_in_its_window():
+    per_window = scale0_receptive_field(False, (3, 5))
+    assert per_window[0].sum() > 0
+    assert (per_window[1:] == 0).all()
+
+
+def test_padded_token_content_never_reaches_real_tokens(monkeypatch):
+    """Fill the padding of every window with noise instead of zeros: no output may move."""
+    model = Atlas(img_size=(200, 340), window_size=4, pool_stride=2, **TINY).eval()
+    assert any(sc.padded for sc in model.config.layout.scales)
+    x = torch.randn(2, 3, 200, 340)
+    with torch.no_grad():
+        reference = model(x)
+    import atlas.msa
+    from atlas.scales import map_to_windows
+
+    def noisy_windows(x_map, window):
+        h, w = x_map.shape[1:3]
+        ph, pw = -h % window[0], -w % window[1]
+        noise = 100 * torch.randn(x_map.shape[0], h + ph, w + pw, x_map.shape[3], dtype=x_map.dtype)
+        noise[:, :h, :w] = x_map
+        return map_to_windows(noise, window)
+
+    monkeypatch.setattr(atlas.msa, "map_to_windows", noisy_windows)
+    with torch.no_grad():
+        noisy = model(x)
+    torch.testing.assert_close(noisy, reference, atol=1e-5, rtol=1e-5)
+
+
+def count_projection_calls(block: MSABlock, layout, **switches):
+    calls = {"q": 0, "kv": 0}
+    hooks = []
+    for layer in block.scales:
+        for name in calls:
+            hooks.append(getattr(layer.attn, name).register_forward_hook(lambda *_, n=name: calls.__setitem__(n, calls[n] + 1)))
+    x_map = torch.randn(1, *layout.token_size, 16)
+    block(build_pyramid(x_map, layout), BlockGeometry.build(layout, 0, "containing", block.top_down))
+    for h in hooks:
+        h.remove()
+    return calls
+
+
+@pytest.mark.parametrize("tokens", [(32, 32), (128, 128)])
+@pytest.mark.parametrize(("top_down", "bottom_up"), [(True, True), (True, False), (False, True), (False, False)])
+def test_qkv_reuse_projection_counts(tokens, top_down, bottom_up):
+    """q/kv of a scale are recomputed only after its tokens change (spec, QKV reuse).
+
+    Top-down, coarse to fine: each scale projects q and kv once; a coarser scale's kv is recomputed once after
+    its own update, when top-down reads it, and is then shared by all finer scales and windows. Bottom-up:
+    each refined scale recomputes q, and the scale it reads recomputes kv (both changed since).
+    """
+    layout = MultiScaleLayout(tokens, 8, 4)
+    n = layout.num_scales
+    block = MSABlock(16, 2, n, top_down=top_down, bottom_up=bottom_up)
+    q = n + (n - 1) * bottom_up
+    kv = n + (n - 1) * top_down + (n - 1) * bottom_up
+    assert count_projection_calls(block, layout) == {"q": q, "kv": kv}
+    if (top_down, bottom_up) == (True, True):
+        assert (q, kv) == ((3, 4) if n == 2 else (5, 7))
+
+
+def test_clear_errors_for_bad_inputs_and_configs():
+    model = Atlas(img_size=320, **TINY)
+    with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, H, W\).*got \(1, 1, 320, 320\)"):
+        model(torch.randn(1, 1, 320, 320))
+    with pytest.raises(ValueError, match="smaller than one 16x16 patch"):
+        model(torch.randn(1, 3, 8, 64))
+    with pytest.raises(ValueError, match="gives 1 scales but this model was built for 2"):
+        model(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"unknown Atlas config key 'num_head' \(did you mean 'num_heads'\?\)"):
+        Atlas(num_head=3)
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        AtlasConfig(embed_dim=100, num_heads=3, stem_width=25)
+    with pytest.raises(ValueError, match="routing must be one of"):
+        AtlasConfig(routing="nearest")
+    with pytest.raises(ValueError, match=r"depths \(2, 10\) must give >= 1 block for each of the 3 scales"):
+        AtlasConfig(img_size=2048, depths=(2, 10))
+    with pytest.raises(ValueError, match="multiple of pool_stride"):
+        AtlasConfig(window_size=10, pool_stride=4)
+
+
+def released_b16_state_dict(data_dir):
+    state_dict = {}
+    for line in (data_dir / "official_atlas_b16_1024_state_dict.txt").read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        key, shape = re.match(r"(\S+) \((.*)\)", line).groups()
+        dims = tuple(int(d) for d in shape.split(",") if d.strip())
+        state_dict[key] = torch.randn(dims) if dims else torch.tensor(0)
+    return state_dict
+
+
+def test_converter_maps_every_released_b16_key_strictly(data_dir):
+    released = released_b16_state_dict(data_dir)
+    converted = convert_released_state_dict(released)
+    model = timm.create_model("atlas_base_patch16", img_size=1024, num_classes=100)
+    model.load_state_dict(converted, strict=True)
+    torch.testing.assert_close(model.head.weight, released["fc.weight"])
+    torch.testing.assert_close(
+        model.stages[1].blocks[9].scales[0].pos.fc2.weight,
+        released["atlas_models.1.levels.0.blocks.9.posemb.0.projector.2.weight"],
+    )
+    unused = sum(v.numel() for k, v in released.items() if re.match(r"atlas_models\.\d\.(norm|head)\.(weight|bias)", k))
+    assert unused == 156_872
+
+
+def test_converter_rejects_unknown_keys_and_loads_files_safely(tmp_path, data_dir):
+    with pytest.raises(KeyError, match="atlas_models.0.mystery.weight"):
+        convert_released_state_dict({"atlas_models.0.mystery.weight": torch.zeros(1)})
+    ref = torch.load(data_dir / "official_tiny_512.pt", weights_only=False)
+    path = tmp_path / "released.pth"
+    torch.save({"model": ref["state_dict"]}, path)
+    model = Atlas(img_size=512, embed_dim=64, num_heads=2, stem_width=16, depths=(1, 2), num_classes=10)
+    atlas.load_released(model, path)
+    torch.testing.assert_close(model.head.bias, ref["state_dict"]["fc.bias"])
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        atlas.load_released(model, tmp_path / "missing.pth")

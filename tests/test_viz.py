@@ -1,0 +1,52 @@
+"""Attention maps: recorded on request only, and each one a distribution over what the query may read."""
+
+import matplotlib
+import numpy as np
+import torch
+
+from atlas import Atlas
+from atlas.viz import plot_attention, plot_scales, record_attention
+
+matplotlib.use("Agg")
+
+TINY = dict(embed_dim=32, num_heads=2, stem_width=8, num_classes=5, window_size=4, pool_stride=2)
+
+
+def test_recording_is_off_by_default_and_changes_nothing():
+    model = Atlas(img_size=(160, 224), **TINY).eval()
+    x = torch.randn(1, 3, 160, 224)
+    with torch.no_grad():
+        plain = model(x)
+        with record_attention(model) as maps:
+            recorded = model(x)
+        after = model(x)
+    torch.testing.assert_close(recorded, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(after, plain)
+    assert all(m.records is None for m in model.modules() if hasattr(m, "records"))
+    n = maps.layout.num_scales
+    assert n == 3
+    kinds = {(stage, kind) for stage, _, kind, _ in maps.keys()}
+    assert kinds == {(0, "top_down"), (0, "bottom_up"), (1, "top_down"), (1, "bottom_up"), (2, "top_down")}
+
+
+def test_query_maps_sum_to_one_and_respect_windows():
+    model = Atlas(img_size=(160, 224), **TINY).eval()
+    with torch.no_grad(), record_attention(model) as maps:
+        model(torch.randn(1, 3, 160, 224))
+    layout = maps.layout
+    grids = maps.query(stage=0, block=0, scale=0, query=(5, 6), head=1)
+    assert set(grids) == {0, 1, 2}
+    assert abs(sum(g.sum() for g in grids.values()) - 1) < 1e-5
+    # scale 0: only the query's own 4x4 window (rows 4-7, cols 4-7) is read
+    nonzero = np.argwhere(grids[0] > 0)
+    assert nonzero[:, 0].min() >= 4 and nonzero[:, 0].max() <= 7 and nonzero[:, 1].min() >= 4 and nonzero[:, 1].max() <= 7
+    # scale 1: the window containing token (5, 6) // 2 = (2, 3), i.e. rows 0-3, cols 0-3
+    nonzero = np.argwhere(grids[1] > 0)
+    assert nonzero.max(0).tolist() <= [3, 3]
+    up = maps.query(stage=0, block=0, scale=1, query=(2, 3), kind="bottom_up")
+    assert set(up) == {0} and abs(up[0].sum() - 1) < 1e-5
+    assert np.argwhere(up[0] > 0).min(0).tolist() >= [4, 4]
+    fig = plot_attention(np.zeros((160, 224, 3)), grids, 0, (5, 6), layout)
+    assert len(fig.axes) == 3
+    fig = plot_scales(np.zeros((160, 224)), layout)
+    assert len(fig.axes) == 3

@@ -57,7 +57,8 @@ def main() -> None:
     with torch.no_grad():
         _, stages = model.forward_stages(x)
         logits = model.forward_head(stages[-1][-1].flatten(1, 2))
-    print(f"forward pass on the astronaut photo: {time.perf_counter() - start:.1f}s on {torch.get_num_threads()} threads")
+    seconds = time.perf_counter() - start
+    print(f"forward pass on the astronaut photo: {seconds:.1f}s on {torch.get_num_threads()} threads")
     for i, maps in enumerate(stages):
         kept = ", ".join(f"scale {i + j + 1} {m.shape[1]}x{m.shape[2]}" for j, m in enumerate(maps))
         print(f"  after stage {i + 1} ({model.config.depths[i]} blocks): {kept}")
@@ -75,9 +76,11 @@ def main() -> None:
         axes[1, s].set_title(f"scale {s + 1} after stage 1: token norms")
     for ax in axes.flat:
         ax.set_axis_off()
-    fig.suptitle(f"{args.model} at {args.size}px\neach window is {layout.window_size}x"
-                 f"{layout.window_size} tokens; one coarse token summarises {layout.pool_stride}x"
-                 f"{layout.pool_stride} finer ones")
+    fig.suptitle(
+        f"{args.model} at {args.size}px\neach window is {layout.window_size}x"
+        f"{layout.window_size} tokens; one coarse token summarises {layout.pool_stride}x"
+        f"{layout.pool_stride} finer ones"
+    )
     fig.tight_layout()
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "scales.png"

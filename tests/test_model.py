@@ -19,8 +19,13 @@ def test_atlas_b16_1024_has_the_papers_parameter_count():
     assert isinstance(model, Atlas)
     assert sum(p.numel() for p in model.parameters()) == 118_253_604
     assert model.config.depths == (2, 10)
-    rates = [[b.scales[0].drop_path.drop_prob if b.scales[0].drop_path.__class__.__name__ == "DropPath" else 0.0
-              for b in stage.blocks] for stage in model.stages]
+    rates = [
+        [
+            b.scales[0].drop_path.drop_prob if b.scales[0].drop_path.__class__.__name__ == "DropPath" else 0.0
+            for b in stage.blocks
+        ]
+        for stage in model.stages
+    ]
     assert rates[0] == pytest.approx([0.0, 0.3]) and rates[1][0] == 0.0 and rates[1][-1] == pytest.approx(0.3)
 
 
@@ -100,9 +105,16 @@ def test_padded_token_content_never_reaches_real_tokens(monkeypatch):
 def count_projection_calls(block: MSABlock, layout, **switches):
     calls = {"q": 0, "kv": 0}
     hooks = []
+
+    def counter(name):
+        def hook(*_):
+            calls[name] += 1
+
+        return hook
+
     for layer in block.scales:
         for name in calls:
-            hooks.append(getattr(layer.attn, name).register_forward_hook(lambda *_, n=name: calls.__setitem__(n, calls[n] + 1)))
+            hooks.append(getattr(layer.attn, name).register_forward_hook(counter(name)))
     x_map = torch.randn(1, *layout.token_size, 16)
     block(build_pyramid(x_map, layout), BlockGeometry.build(layout, 0, "containing", block.top_down))
     for h in hooks:

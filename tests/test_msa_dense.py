@@ -166,7 +166,7 @@ def test_block_equals_dense_oracle(case, first):
 
 
 def test_cases_cover_two_and_three_scales_and_padding():
-    layouts = {name: MultiScaleLayout(t, K, S, multiscale=sw.get("multiscale", True)) for name, (t, sw) in CASES.items()}
+    layouts = {name: case_layout(name) for name in CASES}
     assert {lay.num_scales for lay in layouts.values()} == {1, 2, 3}
     assert any(sc.padded for sc in layouts["3 scales non-square padded"].scales)
     assert any(sc.padded for sc in layouts["2 scales non-square padded"].scales)

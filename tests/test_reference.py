@@ -1,6 +1,5 @@
 """The released implementation's outputs, reproduced with converted weights."""
 
-import pytest
 import torch
 
 from atlas import Atlas, load_released
@@ -23,7 +22,10 @@ def load_oracle(data_dir, name, routing):
         routing=routing,
     )
     load_released(model, ref["state_dict"]).eval()
-    images = ref["image_uint8"] if "image_uint8" in ref else ref["image_uint8_256"].repeat_interleave(8, -1).repeat_interleave(8, -2)
+    if "image_uint8" in ref:
+        images = ref["image_uint8"]
+    else:  # the 2048px oracle stores a 256px image, upsampled 8x by nearest neighbour
+        images = ref["image_uint8_256"].repeat_interleave(8, -1).repeat_interleave(8, -2)
     return model, ref, (images.float() / 255 - 0.45) / 0.25
 
 
@@ -50,8 +52,6 @@ def test_tiny_512_matches_released(data_dir):
         for got, want in zip(scales, expected, strict=True):
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(logits, ref["logits"], atol=1e-4, rtol=1e-4)
-
-
 
 
 def fp16_close(got, want):

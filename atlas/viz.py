@@ -119,6 +119,22 @@ def upsample_to(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return grid[rows[:, None], cols[None, :]]
 
 
+def load_photo(name: str = "astronaut", size: tuple[int, int] | None = None) -> np.ndarray:
+    """A photograph that scikit-image ships (``"astronaut"``, ``"coffee"``, ...; nothing is downloaded).
+
+    Returns ``(H, W, 3)`` float32 in [0, 1], resized (bicubic, anti-aliased) to ``size`` = (H, W) when given;
+    grey images are repeated over the three channels.
+    """
+    from skimage import data, transform, util
+
+    image = util.img_as_float32(getattr(data, name)())
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+    if size is not None:
+        image = transform.resize(image, size, order=3, anti_aliasing=True)
+    return np.clip(image, 0, 1).astype(np.float32)
+
+
 def draw_windows(ax, layout: MultiScaleLayout, image_size: tuple[int, int], scale: int, **line_kwargs) -> None:
     """Draw the window borders of ``scale`` over an image of ``image_size`` pixels on a matplotlib axis."""
     sc = layout.scales[scale]

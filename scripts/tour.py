@@ -16,25 +16,20 @@ import matplotlib
 import numpy as np
 import timm
 import torch
-import torch.nn.functional as F
 
 import atlas  # noqa: F401  (registers the Atlas models with timm)
-from atlas.viz import draw_windows, upsample_to
+from atlas.viz import draw_windows, load_photo, upsample_to
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def load_photo(size: int) -> tuple[np.ndarray, torch.Tensor]:
-    """scikit-image's astronaut at ``size`` px: the uint8 picture and the normalised ``(1, 3, H, W)`` tensor."""
-    from skimage import data
-
-    photo = torch.from_numpy(data.astronaut()).permute(2, 0, 1)[None].float() / 255
-    photo = F.interpolate(photo, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+def normalise(picture: np.ndarray) -> torch.Tensor:
+    """``(H, W, 3)`` floats in [0, 1] -> the ImageNet-normalised ``(1, 3, H, W)`` tensor the model expects."""
+    x = torch.from_numpy(picture).permute(2, 0, 1)[None]
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    picture = (photo[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
-    return picture, (photo - mean) / std
+    return (x - mean) / std
 
 
 def main() -> None:
@@ -52,7 +47,8 @@ def main() -> None:
     print(f"stem: {args.size}px -> {layout.token_size[0]}x{layout.token_size[1]} tokens of {model.embed_dim} channels")
     print(layout.describe())
 
-    picture, x = load_photo(args.size)
+    picture = load_photo("astronaut", (args.size, args.size))
+    x = normalise(picture)
     start = time.perf_counter()
     with torch.no_grad():
         _, stages = model.forward_stages(x)
@@ -84,7 +80,7 @@ def main() -> None:
     fig.tight_layout()
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "scales.png"
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=60)
     print(f"wrote {path}")
 
 

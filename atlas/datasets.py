@@ -1,4 +1,4 @@
-"""Datasets, built by name: ``build_dataset("synthetic", "train", transform, num_classes=10, size=512)``.
+"""Datasets, built by name: ``build_dataset("synthetic", "train", transform, num_classes=10, train_size=512)``.
 
 A dataset registers itself with ``@register_dataset(name)`` on a builder ``(split, transform, **options)``.
 Samples are ``(image, label)``; an image that cannot be read comes back as ``None`` (logged), and
@@ -100,9 +100,7 @@ def build_imagefolder(split: str, transform: Callable | None, root: str, num_cla
         raise FileNotFoundError(f"data folder {folder} does not exist; expected the layout {layout}")
     dataset = ImageFolderSkipUnreadable(folder, transform)
     if len(dataset.classes) != num_classes:
-        raise ValueError(
-            f"{folder} has {len(dataset.classes)} class folders but data.num_classes is {num_classes}"
-        )
+        raise ValueError(f"{folder} has {len(dataset.classes)} class folders but data.num_classes is {num_classes}")
     return dataset
 
 
@@ -128,6 +126,8 @@ class SyntheticPatterns(Dataset):
 
     def image(self, index: int) -> tuple[np.ndarray, int]:
         """The ``(H, W, 3)`` uint8 image of sample ``index`` and its label."""
+        if not 0 <= index < self.size:
+            raise IndexError(f"sample {index} of a dataset of {self.size}")
         rng = np.random.default_rng([self.seed, self.split_id, index])
         label = index % self.num_classes
         angle = math.pi * label / self.num_classes + rng.normal(0, 0.05)

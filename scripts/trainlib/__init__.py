@@ -1,0 +1,1 @@
+"""Helpers of scripts/train.py: config schema, resumable data order, checkpoints and metric logs."""

@@ -157,3 +157,10 @@ def build_synthetic(
     """Seeded procedural images of ``image_size`` pixels; the transforms resize them to the model's size."""
     size = train_size if split == "train" else val_size
     return SyntheticPatterns(split, transform, num_classes, size, image_size, seed)
+
+
+# -- long-range matching (atlas/longrange.py) ---------------------------------------------------------------
+
+from .longrange import build_longrange  # noqa: E402  (next to its registration; longrange does not import us)
+
+register_dataset("longrange")(build_longrange)

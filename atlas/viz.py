@@ -8,6 +8,8 @@ computes its weights explicitly and keeps them::
     grids = maps.query(stage=0, block=1, scale=0, head=0, query=(20, 33))  # {scale: (h_s, w_s) weights}
 
 Plotting needs matplotlib (the ``notebooks`` extra); it is imported only by the functions that draw.
+:func:`plot_attention_view` draws one query's attention at every scale; :class:`AttentionExplorer` is the
+same view as an interactive ipywidgets explorer (pick block, scale, head and query token).
 """
 
 from __future__ import annotations
@@ -205,3 +207,182 @@ def plot_attention(
     fig.suptitle(f"query token {query} at scale {query_scale + 1}")
     fig.tight_layout()
     return fig
+
+
+def plot_attention_view(
+    pixels: np.ndarray,
+    maps: AttentionMaps,
+    stage: int,
+    block: int,
+    scale: int,
+    query: tuple[int, int],
+    head: int | None = None,
+    kind: str = "top_down",
+):
+    """Where one query token attends at every key scale it reads, overlaid on the image (a matplotlib figure).
+
+    ``pixels``: the ``(H, W, 3)`` image the maps were recorded on; the other arguments are those of
+    :meth:`AttentionMaps.query`. Each panel is scaled to its own maximum; its title gives the share of the
+    query's attention (one softmax over all key scales) that the scale receives.
+    """
+    grids = maps.query(stage, block, scale, query, head=head, kind=kind)
+    fig = plot_attention(pixels, grids, scale, query, maps.layout)
+    for ax, (key_scale, grid) in zip(fig.axes, sorted(grids.items()), strict=True):
+        ax.set_title(f"keys at scale {key_scale + 1}: {grid.sum():.0%} of the weight")
+    heads = "mean of the heads" if head is None else f"head {head + 1}"
+    fig.suptitle(
+        f"stage {stage + 1}, block {block + 1}, {kind.replace('_', '-')}, {heads}: "
+        f"query token {query} at scale {scale + 1}"
+    )
+    return fig
+
+
+def token_colors(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The mean colour of every token of an ``(h, w)`` = ``size`` grid over an ``(H, W, 3)`` image: ``(h, w, 3)``.
+
+    Pixel ``y`` belongs to token row ``y * h // H`` (and likewise for columns), as in :func:`upsample_to`.
+    """
+    (height, width), (h, w) = pixels.shape[:2], size
+    rows = ((np.arange(height) * h) // height == np.arange(h)[:, None]).astype(np.float32)  # (h, H) one-hot
+    cols = ((np.arange(width) * w) // width == np.arange(w)[:, None]).astype(np.float32)  # (w, W) one-hot
+    sums = np.einsum("ry,yxc,sx->rsc", rows, pixels, cols)
+    return sums / np.einsum("ry,sx->rs", rows, cols)[..., None]
+
+
+class AttentionExplorer:
+    """An interactive view of one image's attention (ipywidgets): pick block, kind, scale, head and query token.
+
+    The query token is set with the row/col sliders or by clicking a cell of the token grid (the image averaged
+    over each token of the query scale; grids larger than ``max_cells`` per side are subsampled). Every change
+    redraws :func:`plot_attention_view`. ``inputs``: the ``(1, C, H, W)`` batch the model reads; ``pixels``: the
+    ``(H, W, 3)`` image in [0, 1] to draw. Put the model in eval mode first. Show it as a cell's last value.
+    """
+
+    def __init__(
+        self,
+        model: Atlas,
+        inputs: torch.Tensor,
+        pixels: np.ndarray,
+        class_names: list[str] | None = None,
+        max_cells: int = 32,
+    ):
+        import ipywidgets as widgets
+
+        with torch.no_grad(), record_attention(model) as self.maps:
+            probs = model(inputs).softmax(dim=-1)[0]
+        self.pixels, self.max_cells, self.figure, self._busy = pixels, max_cells, None, False
+        label = int(probs.argmax())
+        name = class_names[label] if class_names else f"class {label}"
+        blocks = sorted({(stage, block) for stage, block, _, _ in self.maps.keys()})
+        num_heads = next(iter(self.maps.records.values())).weights.shape[2]
+        self.block = widgets.Dropdown(
+            options=[(f"stage {s + 1}, block {b + 1}", (s, b)) for s, b in blocks], description="block"
+        )
+        self.kind = widgets.ToggleButtons(description="attention")
+        self.scale = widgets.Dropdown(description="query scale")
+        self.head = widgets.Dropdown(
+            options=[("mean", -1)] + [(str(h + 1), h) for h in range(num_heads)], description="head"
+        )
+        self.row, self.col = widgets.IntSlider(description="query row"), widgets.IntSlider(description="query col")
+        self.grid = widgets.GridBox()
+        self.output = widgets.Output()
+        prediction = widgets.Label(f"prediction: {name} ({float(probs[label]):.0%})")
+        self.widget = widgets.VBox(
+            [
+                widgets.HBox([self.block, self.kind]),
+                widgets.HBox([self.scale, self.head, prediction]),
+                widgets.HBox([self.grid, widgets.VBox([self.row, self.col])]),
+                self.output,
+            ]
+        )
+        self._grid_scale = None
+        for control in (self.block, self.kind, self.scale, self.head, self.row, self.col):
+            control.observe(self._on_change, names="value")
+        self._on_change()
+
+    def select(self, query: tuple[int, int]) -> None:
+        """Query token ``(row, col)`` of the current query scale and redraw (what a click on its grid cell does)."""
+        self._busy = True
+        self.row.value, self.col.value = query
+        self._busy = False
+        self._redraw()
+
+    def _on_change(self, _change=None) -> None:
+        if self._busy:
+            return
+        self._busy = True
+        try:
+            self._sync_controls()
+        finally:
+            self._busy = False
+        self._redraw()
+
+    def _sync_controls(self) -> None:
+        """Offer only what the chosen block recorded: its kinds of attention, their query scales, their tokens."""
+        stage, block = self.block.value
+        recorded = [(kind, scale) for s, b, kind, scale in self.maps.keys() if (s, b) == (stage, block)]
+        kinds = sorted({kind for kind, _ in recorded}, reverse=True)  # top_down first
+        _set_options(self.kind, [(kind.replace("_", "-"), kind) for kind in kinds])
+        scales = sorted(scale for kind, scale in recorded if kind == self.kind.value)
+        _set_options(self.scale, [(str(scale + 1), scale) for scale in scales])
+        h, w = self.maps.layout.scales[self.scale.value].size
+        self.row.max, self.col.max = h - 1, w - 1
+        if self._grid_scale != self.scale.value:
+            self._grid_scale = self.scale.value
+            self.grid.children, self.grid.layout = self._grid_cells((h, w))
+
+    def _grid_cells(self, size: tuple[int, int]):
+        """Buttons coloured like the tokens of a ``size`` grid, and the grid's layout.
+
+        Past ``max_cells`` tokens per side, one button stands for a block of ``step x step`` tokens and selects
+        the one in its middle.
+        """
+        import ipywidgets as widgets
+
+        step = -(-max(size) // self.max_cells)
+        rows, cols = ([min(i + step // 2, n - 1) for i in range(0, n, step)] for n in size)
+        colors = token_colors(self.pixels, size)
+        side = max(6, 256 // max(len(rows), len(cols)))
+        cells = []
+        for r in rows:
+            for c in cols:
+                cell = widgets.Button(
+                    tooltip=f"token ({r}, {c})", layout=widgets.Layout(width=f"{side}px", height=f"{side}px")
+                )
+                cell.style.button_color = "#{:02x}{:02x}{:02x}".format(*(colors[r, c] * 255).round().astype(int))
+                cell.on_click(lambda _, token=(r, c): self.select(token))
+                cells.append(cell)
+        layout = widgets.Layout(grid_template_columns=f"repeat({len(cols)}, {side}px)", grid_gap="0px")
+        return cells, layout
+
+    def _redraw(self) -> None:
+        import matplotlib.pyplot as plt
+        from IPython.display import clear_output, display
+
+        stage, block = self.block.value
+        head = None if self.head.value < 0 else self.head.value
+        query = (self.row.value, self.col.value)
+        self.figure = plot_attention_view(
+            self.pixels, self.maps, stage, block, self.scale.value, query, head, self.kind.value
+        )
+        with self.output:
+            clear_output(wait=True)
+            display(self.figure)
+        plt.close(self.figure)
+
+    def _repr_mimebundle_(self, **kwargs):
+        bundle = self.widget._repr_mimebundle_(**kwargs)
+        bundle["text/plain"] = (
+            f"attention explorer: {len(self.block.options)} blocks, {self.maps.layout.num_scales} scales, "
+            f"{len(self.head.options) - 1} heads (an interactive widget: run the notebook in Jupyter to use it)"
+        )
+        return bundle
+
+
+def _set_options(control, options: list[tuple[str, object]]) -> None:
+    """Give a selection widget new ``(label, value)`` options, keeping its value if still offered, else the first."""
+    if list(control.options) == options:
+        return
+    values, value = [v for _, v in options], control.value
+    control.options = options
+    control.value = value if value in values else values[0]

@@ -1,0 +1,331 @@
+"""Speed, memory and FLOPs of Atlas and timm models at several image sizes.
+
+    python scripts/benchmark.py --models atlas_base_patch16 vit_base_patch16_224 --sizes 512 1024 \\
+        --baseline vit_base_patch16_224 --csv results/benchmark.csv
+    python scripts/benchmark.py --models atlas_base_patch16 vit_base_patch16_224 \\
+        --sizes 256 512 1024 2048 4096 --flops-only
+
+For every model and size it reports the parameters and the forward FLOPs per image (counted on the meta
+device, so even 4096px costs nothing; for Atlas models also the convolutional stem's share), then, unless
+``--flops-only``, the median time of a forward pass (eval mode, no_grad) and of a forward+backward pass
+(train mode) after warm-up, and the peak memory each needs above what the model and input already hold.
+Models that take ``img_size`` (Atlas, ViT) are built for each size; others (ConvNeXt, ...) take any size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import ctypes
+import ctypes.util
+import gc
+import os
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+import atlas  # noqa: F401  (registers the Atlas models with timm)
+from atlas.model import Atlas
+from atlas.profiling import atlas_flops_breakdown, build_model, check_model_name, count_flops
+
+MIB = 2**20
+PROC_STATUS = Path("/proc/self/status")
+PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+COLUMNS = [
+    "model", "height", "width", "batch", "device", "dtype", "channels_last", "params_m", "gflops_per_image",
+    "stem_gflops_per_image", "stem_share", "train_gflops_per_image", "fwd_ms", "train_ms", "fwd_cpu_ms",
+    "train_cpu_ms", "fwd_peak_mib", "train_peak_mib", "memory_method", "threads", "torch",
+]  # fmt: skip
+
+
+# -- command line ----------------------------------------------------------------------------------------
+def parse_size(text: str) -> tuple[int, int]:
+    """``"512"`` -> (512, 512); ``"512x1024"`` -> (512, 1024) as (height, width)."""
+    parts = text.lower().split("x")
+    if len(parts) > 2 or not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"size {text!r} must be an integer like 1024 or HxW like 512x1024")
+    size = (int(parts[0]), int(parts[-1]))
+    if min(size) < 16:
+        raise argparse.ArgumentTypeError(f"size {text!r}: both sides must be at least 16 pixels (one patch)")
+    return size
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["atlas_base_patch16", "vit_base_patch16_224"])
+    parser.add_argument("--sizes", nargs="+", type=parse_size, default=[(1024, 1024)], help="256 or HxW")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 runs under autocast")
+    parser.add_argument("--channels-last", action="store_true", help="model and input in channels-last memory")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--flops-only", action="store_true", help="count parameters and FLOPs, time nothing")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after timing, print the N ops that took longest in one forward+backward pass (torch.profiler)",
+    )
+    parser.add_argument("--baseline", help="also print every model's speed-up over this one (one of --models)")
+    parser.add_argument("--csv", type=Path, help="write the table to this CSV file")
+    args = parser.parse_args(argv)
+    for name in args.models:
+        try:
+            check_model_name(name)
+        except ValueError as error:
+            parser.error(str(error))
+    if args.baseline is not None and args.baseline not in args.models:
+        parser.error(f"--baseline {args.baseline!r} must be one of --models {args.models}")
+    if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
+        parser.error("--batch-size, --repeats and --threads must be >= 1, --warmup >= 0")
+    return args
+
+
+# -- memory ----------------------------------------------------------------------------------------------
+def _proc_status_mib(field: str) -> float:
+    """A ``kB`` field of /proc/self/status (VmRSS: resident now, VmHWM: peak resident), in MiB."""
+    for line in PROC_STATUS.read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def _reset_rss_peak() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where Linux does not allow it."""
+    try:
+        PROC_CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _release_free_heap() -> None:
+    """Hand memory that glibc keeps after ``free`` back to the kernel, so RSS starts from what is in use."""
+    libc_name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(libc_name) if libc_name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def _ru_maxrss_mib() -> float:
+    """This process's lifetime peak RSS (``resource``; KiB on Linux, bytes on macOS), in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / MIB if sys.platform == "darwin" else peak / 1024
+
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device) -> Iterator[dict]:
+    """Peak memory the block needs above the level at entry: fills ``{"mib": ..., "method": ...}`` on exit.
+
+    CUDA: ``torch.cuda.max_memory_allocated``. CPU: peak resident set size (RSS) of the process, with freed
+    heap memory released and the kernel's peak mark reset at entry (Linux); elsewhere the increase of the
+    lifetime peak ``ru_maxrss``, which is 0 when an earlier measurement peaked higher.
+    """
+    result: dict = {}
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device) / MIB
+        yield result
+        torch.cuda.synchronize(device)
+        result.update(mib=torch.cuda.max_memory_allocated(device) / MIB - start, method="cuda max_memory_allocated")
+    elif _reset_rss_peak():
+        _release_free_heap()
+        _reset_rss_peak()
+        start = _proc_status_mib("VmRSS")
+        yield result
+        result.update(mib=_proc_status_mib("VmHWM") - start, method="peak RSS (/proc VmHWM, reset per pass)")
+    else:
+        start = _ru_maxrss_mib()
+        yield result
+        result.update(mib=_ru_maxrss_mib() - start, method="ru_maxrss increase (lower bound)")
+
+
+# -- timing ----------------------------------------------------------------------------------------------
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(run: Callable[[], None], warmup: int, repeats: int, device: torch.device) -> dict:
+    """Median wall time and median process CPU time of ``run`` over ``repeats`` calls, after ``warmup`` calls.
+
+    CPU time sums this process's threads and leaves out the time it waited for a core, so on a machine shared
+    with other jobs it is the steadier of the two with one thread (with more, threads waiting for each other
+    also count).
+    """
+    for _ in range(warmup):
+        run()
+    wall, cpu = [], []
+    for _ in range(repeats):
+        _synchronize(device)
+        start_wall, start_cpu = time.perf_counter(), time.process_time()
+        run()
+        _synchronize(device)
+        wall.append(time.perf_counter() - start_wall)
+        cpu.append(time.process_time() - start_cpu)
+    return {"wall": statistics.median(wall), "cpu": statistics.median(cpu)}
+
+
+def time_model(model: torch.nn.Module, images: torch.Tensor, args: argparse.Namespace) -> dict:
+    """Forward (eval, no_grad) and forward+backward (train) wall and CPU times in ms, and each pass's peak memory."""
+    device = images.device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+
+    def forward():
+        with torch.no_grad(), autocast:
+            model(images)
+
+    def forward_backward():
+        with autocast:
+            loss = model(images).float().mean()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    model.eval()
+    with peak_memory(device) as fwd_mem:
+        fwd = median_seconds(forward, args.warmup, args.repeats, device)
+    model.train()
+    with peak_memory(device) as train_mem:
+        train = median_seconds(forward_backward, args.warmup, args.repeats, device)
+    if args.profile:
+        print(f"forward+backward, {type(model).__name__} on {tuple(images.shape)}:")
+        print(profile_table(forward_backward, device, args.profile))
+    return {
+        "fwd_ms": round(fwd["wall"] * 1e3, 1),
+        "train_ms": round(train["wall"] * 1e3, 1),
+        "fwd_cpu_ms": round(fwd["cpu"] * 1e3, 1),
+        "train_cpu_ms": round(train["cpu"] * 1e3, 1),
+        "fwd_peak_mib": round(fwd_mem["mib"]),
+        "train_peak_mib": round(train_mem["mib"]),
+        "memory_method": fwd_mem["method"],
+    }
+
+
+def profile_table(run: Callable[[], None], device: torch.device, rows: int) -> str:
+    """The ``rows`` ops with the largest own time (self time, children excluded) in one call of ``run``."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        run()
+        _synchronize(device)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=60)
+
+
+# -- one model at one size -------------------------------------------------------------------------------
+def flops_row(name: str, size: tuple[int, int], args: argparse.Namespace) -> dict:
+    """Parameters and FLOPs per image, counted on the meta device: forward (Atlas: with the stem's share) and
+    forward+backward."""
+    try:
+        model = build_model(name, size, args.num_classes, device="meta")
+        shape = (1, 3, *size)
+        if isinstance(model, Atlas):
+            parts = atlas_flops_breakdown(model, shape)
+            total, stem = parts["total"], parts["stem"]
+        else:
+            total, stem = count_flops(model, shape), None
+        train = count_flops(model, shape, backward=True)
+    except (ValueError, RuntimeError) as error:
+        raise SystemExit(f"{name} at {size[0]}x{size[1]}: {error}") from error
+    return {
+        "model": name,
+        "height": size[0],
+        "width": size[1],
+        "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+        "gflops_per_image": round(total / 1e9, 2),
+        "stem_gflops_per_image": "" if stem is None else round(stem / 1e9, 2),
+        "stem_share": "" if stem is None else round(stem / total, 3),
+        "train_gflops_per_image": round(train / 1e9, 2),
+        "built_on": next(model.parameters()).device.type,
+    }
+
+
+def timing_row(name: str, size: tuple[int, int], args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = build_model(name, size, args.num_classes, device=device)
+    images = torch.randn(args.batch_size, 3, *size, device=device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    return time_model(model, images, args)
+
+
+# -- output ----------------------------------------------------------------------------------------------
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    widths = {c: max(len(c), *(len(str(row.get(c, ""))) for row in rows)) for c in columns}
+    lines = ["  ".join(c.rjust(widths[c]) for c in columns)]
+    lines += ["  ".join(str(row.get(c, "")).rjust(widths[c]) for c in columns) for row in rows]
+    return "\n".join(lines)
+
+
+def speedups(rows: list[dict], baseline: str) -> list[str]:
+    """Per size, how many times faster each model runs than ``baseline`` (its time / the model's time)."""
+    lines = []
+    for base in (r for r in rows if r["model"] == baseline):
+        for row in rows:
+            if row["model"] != baseline and (row["height"], row["width"]) == (base["height"], base["width"]):
+                ratio = {key: base[key] / row[key] for key in ("fwd_ms", "train_ms", "fwd_cpu_ms", "train_cpu_ms")}
+                lines.append(
+                    f"{row['height']}x{row['width']}: {row['model']} vs {baseline}: "
+                    f"forward {ratio['fwd_ms']:.2f}x (CPU time {ratio['fwd_cpu_ms']:.2f}x), "
+                    f"forward+backward {ratio['train_ms']:.2f}x (CPU time {ratio['train_cpu_ms']:.2f}x)"
+                )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    setting = {
+        "batch": args.batch_size,
+        "device": args.device,
+        "dtype": args.dtype,
+        "channels_last": args.channels_last,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    # FLOPs first: cheap, and it rejects sizes a model cannot take before any long timing run starts.
+    rows = [{**setting, **flops_row(name, size, args)} for name in args.models for size in args.sizes]
+    for name in sorted({row["model"] for row in rows if row.pop("built_on") != "meta"}):
+        print(f"note: {name} cannot be constructed on the meta device; built on the CPU, its FLOPs counted on meta")
+    load_before = os.getloadavg()[0]
+    if not args.flops_only:
+        for row in rows:
+            print(f"timing {row['model']} at {row['height']}x{row['width']} ...", flush=True)
+            row.update(timing_row(row["model"], (row["height"], row["width"]), args))
+    columns = [c for c in COLUMNS if any(c in row for row in rows)]
+    print(format_table(rows, [c for c in columns if c not in ("torch", "threads", "memory_method")]))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, FLOPs per image counted on the meta device")
+    if not args.flops_only:
+        print(f"memory: extra over weights and input, {rows[0]['memory_method']}")
+        print(f"1-minute load average: {load_before:.2f} before timing, {os.getloadavg()[0]:.2f} after")
+    if args.baseline and not args.flops_only:
+        print("\n".join(speedups(rows, args.baseline)))
+    if args.csv:
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        with args.csv.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"wrote {args.csv}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

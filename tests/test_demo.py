@@ -1,0 +1,85 @@
+"""scripts/demo.py end to end in its --quick setting, and its configs: the switches of Table 4 at one size."""
+
+import csv
+import sys
+from pathlib import Path
+
+import timm
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import demo  # noqa: E402
+import train  # noqa: E402
+from trainlib.config import load_config, to_dict  # noqa: E402
+
+from atlas.datasets import build_dataset  # noqa: E402
+
+SWITCHES = {  # variant -> (multiscale, top_down, bottom_up)
+    "window": (False, True, True),
+    "multiscale": (True, False, False),
+    "bottom_up": (True, False, True),
+    "top_down": (True, True, False),
+    "msa": (True, True, True),
+}
+
+
+def load(variant: str):
+    return load_config(demo.CONFIGS / f"{variant}.yaml")
+
+
+def test_variants_differ_only_in_the_attention_and_have_one_size():
+    cfgs = {v: load(v) for v in demo.VARIANTS}
+    shared = {v: {k: x for k, x in to_dict(c).items() if k in ("data", "aug", "optimizer", "schedule", "train")}
+              for v, c in cfgs.items()}
+    assert all(s == shared["msa"] for s in shared.values())  # same data, recipe and steps for everyone
+
+    models = {v: train.build_model(c) for v, c in cfgs.items()}
+    vit = models.pop("vit")
+    for variant, model in models.items():
+        cfg = model.config
+        assert (cfg.multiscale, cfg.top_down, cfg.bottom_up) == SWITCHES[variant]
+        layout = cfg.layout
+        assert layout.num_scales == (2 if cfg.multiscale else 1) and layout.scales[0].num_windows == 16
+        assert model.embed_dim == vit.embed_dim == 64
+        assert sum(len(stage.blocks) for stage in model.stages) == len(vit.blocks) == 4
+        assert layout.scales[0].num_tokens == vit.patch_embed.num_patches == 256
+
+
+def test_paper_numbers_are_the_papers_table4():
+    table = yaml.safe_load((ROOT / "scripts" / "data" / "paper_results.yaml").read_text())[4]["rows"]
+    paper = {row["row"]: row["top1"] for row in table}
+    for variant in SWITCHES:
+        cfg = load(variant)
+        assert cfg.paper_table == 4 and paper[cfg.paper_row] == cfg.paper_top1
+    assert load("vit").paper_top1 is None
+
+
+def test_quick_demo_writes_tables_figures_and_a_model_that_reproduces_its_accuracy(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "ASSET", tmp_path / "asset.pt")
+    results = demo.main(["--quick", "--variants", "window", "msa", "--out", str(tmp_path), "--threads", "1"])
+    assert [r.variant for r in results] == ["window", "msa"]
+    for name in ("table.csv", "table.md", "learning_curves.png", "accuracy.png", "atlas_msa.pt"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert not (tmp_path / "asset.pt").exists()  # --quick never replaces the notebook's model
+
+    with open(tmp_path / "table.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["variant"] for row in rows] == [r.name for r in results]
+    assert [row["paper top-1 (%)"] for row in rows] == ["59.39", "72.02"]
+    assert [float(row["our top-1 (%)"]) for row in rows] == [round(r.top1, 2) for r in results]
+    assert (tmp_path / "table.md").read_text().count("\n") == 2 + len(results)
+
+    ckpt = torch.load(tmp_path / "atlas_msa.pt", map_location="cpu", weights_only=True)
+    model = timm.create_model(ckpt["model_name"], **ckpt["model_kwargs"]).eval()
+    model.load_state_dict(ckpt["state_dict"])
+    task = dict(ckpt["task"])
+    cfg = load_config(demo.CONFIGS / "msa.yaml", demo.QUICK)
+    val = build_dataset(task.pop("name"), "val", train.build_transforms(cfg)[1], num_classes=2, **task)
+    images, labels = zip(*(val[i] for i in range(len(val))), strict=True)
+    with torch.no_grad():
+        predictions = model(torch.stack(images)).argmax(1)
+    top1 = 100 * (predictions == torch.tensor(labels)).float().mean().item()
+    assert abs(top1 - ckpt["val_top1"]) < 1e-6 and ckpt["val_top1"] == results[-1].top1

@@ -1,0 +1,125 @@
+"""The long-range matching task: deterministic, balanced, and only solvable by comparing far-apart sides."""
+
+import matplotlib
+import numpy as np
+import pytest
+import timm
+import torch
+
+import atlas  # noqa: F401  (registers the Atlas models with timm)
+from atlas.datasets import build_dataset
+from atlas.longrange import PALETTE, LongRangeMatch, plot_examples
+from atlas.scales import map_to_windows
+
+matplotlib.use("Agg")
+
+# The demo's geometry (scripts/configs/demo/_atlas.yaml): 64px images, 4x4-pixel tokens, windows of 4x4 tokens;
+# narrower than the demo's models (which pixels a token depends on does not depend on the width).
+ATLAS = dict(img_size=64, patch_size=4, window_size=4, pool_stride=4, embed_dim=16, num_heads=2, stem_width=4)
+
+
+def test_samples_are_deterministic_per_seed_split_and_index():
+    train = LongRangeMatch("train", 16)
+    again = LongRangeMatch("train", 16)
+    for index in (7, 3, 0):  # any order
+        image, label = train.image(index)
+        assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+        assert np.array_equal(image, again.image(index)[0]) and label == again.image(index)[1]
+    assert not np.array_equal(train.image(0)[0], LongRangeMatch("val", 16).image(0)[0])
+    assert not np.array_equal(train.image(0)[0], LongRangeMatch("train", 16, seed=1).image(0)[0])
+    with pytest.raises(IndexError):
+        train.image(16)
+
+
+@pytest.mark.parametrize("num_colors", [2, 4])
+def test_classes_are_balanced_and_one_side_alone_is_uninformative(num_colors):
+    ds = LongRangeMatch("train", 4000, num_colors=num_colors)
+    scenes = [ds.scene(i) for i in range(len(ds))]
+    labels = np.array([s.label for s in scenes])
+    assert labels.sum() == len(ds) // 2
+    for side in (0, 1):  # the colour of either bar has the same (uniform) distribution in both classes
+        colors = np.array([s.colors[side] for s in scenes])
+        for label in (0, 1):
+            freq = np.bincount(colors[labels == label], minlength=num_colors) / (len(ds) // 2)
+            np.testing.assert_allclose(freq, 1 / num_colors, atol=0.04)
+
+
+def test_bars_lie_along_the_left_and_right_sides_in_their_palette_colours():
+    ds = LongRangeMatch("val", 32, num_colors=4)
+    w, n = ds.bar_width, ds.image_size
+    for index in range(len(ds)):
+        scene = ds.scene(index)
+        image = ds.render(scene)
+        for color, columns in zip(scene.colors, (slice(0, w), slice(n - w, n)), strict=True):
+            assert (image[:, columns] == np.round(PALETTE[color] * 255)).all()
+        middle = image[:, w : n - w].reshape(-1, 3).astype(int)
+        assert (middle.max(1) - middle.min(1)).max() < 100  # grey noise only: no bar colour away from the sides
+
+
+def test_recoloring_one_bar_flips_the_label_and_changes_only_its_side():
+    ds = LongRangeMatch("train", 32, num_colors=3)
+    for index in range(len(ds)):
+        scene = ds.scene(index)
+        left = scene.colors[0]
+        other = scene.recolor(1, (left + 1) % 3 if scene.label else left)
+        assert other.label == 1 - scene.label
+        changed_columns = np.argwhere((ds.render(scene) != ds.render(other)).any(-1))[:, 1]
+        assert len(changed_columns) > 0 and changed_columns.min() >= ds.image_size - ds.bar_width
+
+
+def pixels_seen(outputs_of, count: int) -> np.ndarray:
+    """``(count, 64, 64)`` bool: the input pixels output ``i`` depends on, found by gradients.
+
+    ``outputs_of(images)`` maps a ``(count, 3, 64, 64)`` batch to ``(count, count, ...)`` outputs; output ``i``
+    of image ``i`` is back-propagated (the models are in eval mode, so the images of a batch are independent).
+    """
+    images = torch.randn(count, 3, 64, 64, requires_grad=True)
+    outputs = outputs_of(images)
+    outputs[torch.arange(count), torch.arange(count)].abs().sum().backward()
+    return images.grad.abs().sum(1).numpy() > 0
+
+
+def sees_both_bars(seen: np.ndarray, width: int) -> np.ndarray:
+    """Per output: whether it depends on pixels of both the left and the right bar."""
+    return seen[:, :, :width].any((1, 2)) & seen[:, :, -width:].any((1, 2))
+
+
+def test_window_attention_never_sees_both_bars_but_msa_does():
+    """The claim of the module docstring, on the demo's geometry: stem + window attention is blind to one bar."""
+    width = LongRangeMatch("train", 1).bar_width
+    window_model = timm.create_model("atlas_tiny_patch16", multiscale=False, depths=(2,), **ATLAS).eval()
+    layout = window_model.config.layout
+    (scale,) = layout.scales
+
+    def windows(images):  # the tokens of every window after all window-attention blocks, before the readout
+        return map_to_windows(window_model.forward_stages(images)[1][-1][0], scale.window)  # (B, 16, 16, C)
+
+    seen = pixels_seen(windows, scale.num_windows)
+    assert seen.sum((1, 2)).min() > 32 * 32  # each window sees well beyond its own 16x16 pixels, through the stem
+    assert not sees_both_bars(seen, width).any()
+
+    msa_model = timm.create_model("atlas_tiny_patch16", depths=(1, 1), **ATLAS).eval()
+    assert msa_model.config.layout.num_scales == 2
+    seen = pixels_seen(msa_model.forward_features, 16)  # the 4x4 coarse tokens the classifier averages
+    assert sees_both_bars(seen, width).all()
+
+
+def test_registered_in_the_dataset_registry():
+    ds = build_dataset("longrange", "val", None, num_classes=2, val_size=6, image_size=64)
+    assert len(ds) == 6
+    image, label = ds[3]
+    assert image.size == (64, 64) and label == 1
+    with pytest.raises(ValueError, match="2 classes"):
+        build_dataset("longrange", "val", None, num_classes=3)
+
+
+def test_plot_examples_draws_labelled_images_with_windows():
+    import matplotlib.pyplot as plt
+
+    ds = LongRangeMatch("train", 8)
+    layout = timm.create_model("atlas_tiny_patch16", **ATLAS).config.layout
+    fig = plot_examples(ds, num=6, cols=4, layout=layout)
+    titled = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in titled] == [f"#{i}: {'same' if i % 2 else 'different'}" for i in range(6)]
+    assert all(len(ax.images) == 1 and len(ax.lines) == 10 for ax in titled)  # 5 + 5 window borders
+    plt.close(fig)

@@ -49,9 +49,13 @@ class WindowAttention(nn.Module):
         ``key_mask``: ``(nW, Tk)`` bool, True where a key may be read (padding is False). The output is
         before ``proj``. ``record`` is ``(kind, query_scale, keys)``, used only while recording.
         """
-        q = rearrange(q_windows, "b n t (h d) -> b n h t d", h=self.num_heads)
-        k, v = rearrange(kv_windows, "b n t (two h d) -> two b n h t d", two=2, h=self.num_heads)
-        mask = None if key_mask is None else key_mask[:, None, None, :]
+        batch = q_windows.shape[0]
+        # Windows join the batch: 4-D inputs let SDPA pick its fused kernels (5-D ones fall back to the math path).
+        q = rearrange(q_windows, "b n t (h d) -> (b n) h t d", h=self.num_heads)
+        k, v = rearrange(kv_windows, "b n t (two h d) -> two (b n) h t d", two=2, h=self.num_heads)
+        mask = None
+        if key_mask is not None:
+            mask = rearrange(key_mask.expand(batch, -1, -1), "b n k -> (b n) 1 1 k")
         if self.records is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
@@ -61,5 +65,6 @@ class WindowAttention(nn.Module):
             weights = scores.softmax(dim=-1)
             out = weights @ v
             kind, query_scale, keys = record
+            weights = rearrange(weights, "(b n) h q k -> b n h q k", b=batch)
             self.records.append(AttentionRecord(kind, query_scale, weights.detach(), keys))
-        return rearrange(out, "b n h t d -> b n t (h d)")
+        return rearrange(out, "(b n) h t d -> b n t (h d)", b=batch)

@@ -1,9 +1,9 @@
 """conda users (environment.yaml) and pip/make users (pyproject.toml, Makefile) get the same set."""
 
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]

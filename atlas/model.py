@@ -158,7 +158,7 @@ class Atlas(nn.Module):
         self.stem = ConvStem(config.in_chans, config.stem_width, config.patch_size)
         num_scales = len(config.depths)
         self.stages = nn.ModuleList(
-            AtlasStage(config, num_scales - i, torch.linspace(0, config.drop_path_rate, d).tolist())
+            AtlasStage(config, num_scales - i, [config.drop_path_rate * j / max(d - 1, 1) for j in range(d)])
             for i, d in enumerate(config.depths)
         )
         self.readout_norm = nn.LayerNorm(config.embed_dim)

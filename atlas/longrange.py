@@ -8,17 +8,21 @@ Why window attention alone cannot solve it (defaults: 64px images, bars 8px wide
 tokens and windows of 4x4 tokens, i.e. 16px):
 
 * **One side says nothing.** The label is a same/different interaction between the two bars, which are
-  ``image_size - 2 * bar_width`` = 48px apart: three windows. Whatever a model computes from one side alone
-  is independent of the label.
+  ``image_size - 2 * bar_width`` = 48px apart, the width of three windows. Whatever a model computes from
+  one side alone is independent of the label.
 * **No window sees both sides.** Window attention mixes the tokens of one window only, and the
   convolutional stem in front of it sees 23px around a token (its receptive field is 47px wide at
   ``patch_size=4``). A window together with its stem context spans 16 + 2 * 23 = 62px, which never reaches
   both bars: the left bar ends at pixel 7 and the right bar starts at pixel 56
   (``tests/test_longrange.py`` checks this with the model's gradients).
-* **Averaging cannot compare.** The only step that joins windows is the classifier's average over tokens.
-  An average is a sum of one term per window, and a sum of evidence about the left colour and evidence
-  about the right colour cannot tell *same* from *different*: for two colours that is an XOR. (The
-  normalisation after the average is the only non-linearity left, a weak one.)
+* **Only the classifier joins windows, and it can barely compare.** It averages the tokens, normalises the
+  average (LayerNorm) and applies a linear layer. Up to that normalisation its score is a sum of one term
+  per window: evidence about the left colour plus evidence about the right colour. A threshold on such a
+  sum cannot decide *same* versus *different*; the best it can do is a rule like "same when the left colour
+  comes at least as late in the palette as the right one", which is right on every *same* image and on half
+  of the *different* ones: 3 in 4 (``tests/test_longrange.py`` finds no better one by exhaustive search).
+  The normalisation divides by the norm of the average, a weak second-order coupling between windows, and
+  is the only other non-linearity. In the demo's budget, window attention stays at chance.
 
 Multi-scale attention connects the sides through the coarse scale: max-pooling brings each bar into the
 coarse tokens, the coarse scale is a single window that attends globally, and top-down / bottom-up
@@ -26,11 +30,14 @@ attention carries information between the scales. A ViT with global attention ca
 
 Sample ``index`` of a split is the same image every time (its generator is seeded by ``(seed, split,
 index)``), drawn on the fly with a few array operations (well under a millisecond). Labels alternate
-(``index % 2``), so any even-sized split is exactly balanced::
+(``index % 2``), so any even-sized split is exactly balanced. ``set_epoch(e)`` switches to a new, equally
+deterministic set of images for every ``e > 0`` (``scripts/train.py`` calls it before each epoch): a small
+training split then never shows the same image twice, which keeps a model from memorising it::
 
     ds = LongRangeMatch("train", size=4096)
     image, label = ds[0]          # a PIL image (or the transform's output) and 0 (different) / 1 (same)
     pixels, label = ds.image(0)   # (H, W, 3) uint8
+    ds.set_epoch(1)               # from now on, other images (the labels stay the same)
     fig = plot_examples(ds, 8)    # a figure of a few examples with their labels
 """
 
@@ -83,6 +90,8 @@ class LongRangeMatch(Dataset):
 
     ``bar_width``: thickness of the bars in pixels. ``num_colors``: how many colours of :data:`PALETTE` the
     bars use. ``noise``: standard deviation of the pixel noise. ``transform`` is applied to the PIL image.
+    ``resample``: draw new images in every epoch (see :meth:`set_epoch`); otherwise ``set_epoch`` does nothing,
+    as for a validation split.
     """
 
     def __init__(
@@ -95,6 +104,7 @@ class LongRangeMatch(Dataset):
         noise: float = 0.05,
         seed: int = 0,
         transform: Callable | None = None,
+        resample: bool = False,
     ):
         if not 1 <= bar_width < image_size // 2:
             raise ValueError(f"bar_width must be in [1, image_size / 2), got {bar_width} for {image_size}px")
@@ -103,15 +113,21 @@ class LongRangeMatch(Dataset):
         self.split, self.size, self.image_size, self.bar_width = split, size, image_size, bar_width
         self.num_colors, self.noise, self.seed, self.transform = num_colors, noise, seed, transform
         self.stream = zlib.crc32(split.encode())  # a stable number per split (Python's hash() is salted)
+        self.resample, self.epoch = resample, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the images of ``epoch`` from now on (if ``resample``); epoch 0 has the split's usual images."""
+        if self.resample:
+            self.epoch = epoch
 
     def __len__(self) -> int:
         return self.size
 
     def scene(self, index: int) -> Scene:
-        """The random scene of sample ``index``: deterministic in ``(seed, split, index)``."""
+        """The random scene of sample ``index``: deterministic in ``(seed, split, index)`` and the epoch."""
         if not 0 <= index < self.size:
             raise IndexError(f"sample {index} of a dataset of {self.size}")
-        rng = np.random.default_rng([self.seed, self.stream, index])
+        rng = np.random.default_rng([self.seed, self.stream, index] + ([self.epoch] if self.epoch else []))
         left = int(rng.integers(self.num_colors))
         same = index % 2 == 1
         right = left if same else (left + int(rng.integers(1, self.num_colors))) % self.num_colors
@@ -147,12 +163,19 @@ def build_longrange(
     num_colors: int = 2,
     noise: float = 0.05,
     seed: int = 0,
+    resample_train: bool = False,
 ) -> LongRangeMatch:
-    """The ``split`` of the task, for the dataset registry of :mod:`atlas.datasets` (name ``"longrange"``)."""
+    """The ``split`` of the task, for the dataset registry of :mod:`atlas.datasets` (name ``"longrange"``).
+
+    ``resample_train``: the training split draws new images in every epoch.
+    """
     if num_classes != 2:
         raise ValueError(f"the long-range matching task has 2 classes (different, same), not {num_classes}")
-    size = train_size if split == "train" else val_size
-    return LongRangeMatch(split, size, image_size, bar_width, num_colors, noise, seed, transform)
+    train = split == "train"
+    size = train_size if train else val_size
+    return LongRangeMatch(
+        split, size, image_size, bar_width, num_colors, noise, seed, transform, resample=train and resample_train
+    )
 
 
 def plot_examples(dataset: LongRangeMatch, num: int = 8, cols: int = 4, layout: MultiScaleLayout | None = None):

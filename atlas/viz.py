@@ -15,6 +15,7 @@ same view as an interactive ipywidgets explorer (pick block, scale, head and que
 from __future__ import annotations
 
 import contextlib
+import io
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -285,14 +286,14 @@ class AttentionExplorer:
         )
         self.row, self.col = widgets.IntSlider(description="query row"), widgets.IntSlider(description="query col")
         self.grid = widgets.GridBox()
-        self.output = widgets.Output()
+        self.view = widgets.Image(format="png")  # the figure as a picture: no output capture involved
         prediction = widgets.Label(f"prediction: {name} ({float(probs[label]):.0%})")
         self.widget = widgets.VBox(
             [
                 widgets.HBox([self.block, self.kind]),
                 widgets.HBox([self.scale, self.head, prediction]),
                 widgets.HBox([self.grid, widgets.VBox([self.row, self.col])]),
-                self.output,
+                self.view,
             ]
         )
         self._grid_scale = None
@@ -357,7 +358,6 @@ class AttentionExplorer:
 
     def _redraw(self) -> None:
         import matplotlib.pyplot as plt
-        from IPython.display import clear_output, display
 
         stage, block = self.block.value
         head = None if self.head.value < 0 else self.head.value
@@ -365,9 +365,9 @@ class AttentionExplorer:
         self.figure = plot_attention_view(
             self.pixels, self.maps, stage, block, self.scale.value, query, head, self.kind.value
         )
-        with self.output:
-            clear_output(wait=True)
-            display(self.figure)
+        png = io.BytesIO()
+        self.figure.savefig(png, format="png", dpi=72)
+        self.view.value = png.getvalue()
         plt.close(self.figure)
 
     def _repr_mimebundle_(self, **kwargs):

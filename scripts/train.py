@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
         num_workers=workers,
         pin_memory=cuda,
         collate_fn=collate_skip_unreadable,
-        persistent_workers=workers > 0,
+        persistent_workers=workers > 0 and not hasattr(train_set, "set_epoch"),  # workers copy the dataset
         generator=torch.Generator().manual_seed(cfg.seed),
     )
     train_loader = DataLoader(SeededSamples(train_set), bs, sampler=train_sampler, drop_last=True, **loader_args)
@@ -426,6 +426,8 @@ def main(argv: list[str] | None = None) -> None:
         epoch_start = time.time()
         first_step = start_step if epoch == start_epoch else 0
         train_sampler.set_epoch(epoch, skip=first_step * accum * bs)
+        if hasattr(train_set, "set_epoch"):  # a dataset that draws new samples every epoch
+            train_set.set_epoch(epoch)
         batches = iter(train_loader)
         model.train()
         if cuda:

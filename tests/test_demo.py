@@ -16,6 +16,7 @@ import train  # noqa: E402
 from trainlib.config import load_config, to_dict  # noqa: E402
 
 from atlas.datasets import build_dataset  # noqa: E402
+from atlas.longrange import LongRangeMatch  # noqa: E402
 
 SWITCHES = {  # variant -> (multiscale, top_down, bottom_up)
     "window": (False, True, True),
@@ -32,8 +33,10 @@ def load(variant: str):
 
 def test_variants_differ_only_in_the_attention_and_have_one_size():
     cfgs = {v: load(v) for v in demo.VARIANTS}
-    shared = {v: {k: x for k, x in to_dict(c).items() if k in ("data", "aug", "optimizer", "schedule", "train")}
-              for v, c in cfgs.items()}
+    shared = {
+        v: {k: x for k, x in to_dict(c).items() if k in ("data", "aug", "optimizer", "schedule", "train")}
+        for v, c in cfgs.items()
+    }
     assert all(s == shared["msa"] for s in shared.values())  # same data, recipe and steps for everyone
 
     models = {v: train.build_model(c) for v, c in cfgs.items()}
@@ -44,7 +47,7 @@ def test_variants_differ_only_in_the_attention_and_have_one_size():
         layout = cfg.layout
         assert layout.num_scales == (2 if cfg.multiscale else 1) and layout.scales[0].num_windows == 16
         assert model.embed_dim == vit.embed_dim == 64
-        assert sum(len(stage.blocks) for stage in model.stages) == len(vit.blocks) == 4
+        assert sum(len(stage.blocks) for stage in model.stages) == len(vit.blocks) == 3
         assert layout.scales[0].num_tokens == vit.patch_embed.num_patches == 256
 
 
@@ -59,8 +62,13 @@ def test_paper_numbers_are_the_papers_table4():
 
 def test_quick_demo_writes_tables_figures_and_a_model_that_reproduces_its_accuracy(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "ASSET", tmp_path / "asset.pt")
+    epochs_drawn = []
+    set_epoch = LongRangeMatch.set_epoch
+    monkeypatch.setattr(LongRangeMatch, "set_epoch", lambda ds, e: (epochs_drawn.append(e), set_epoch(ds, e)))
     results = demo.main(["--quick", "--variants", "window", "msa", "--out", str(tmp_path), "--threads", "1"])
     assert [r.variant for r in results] == ["window", "msa"]
+    assert epochs_drawn == [0, 1] * 2  # train.py asks the task for each epoch's images
+    assert [len(r.epochs) for r in results] == [2, 2]
     for name in ("table.csv", "table.md", "learning_curves.png", "accuracy.png", "atlas_msa.pt"):
         assert (tmp_path / name).stat().st_size > 0, name
     assert not (tmp_path / "asset.pt").exists()  # --quick never replaces the notebook's model

@@ -1,5 +1,7 @@
 """The long-range matching task: deterministic, balanced, and only solvable by comparing far-apart sides."""
 
+import itertools
+
 import matplotlib
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ import torch
 
 import atlas  # noqa: F401  (registers the Atlas models with timm)
 from atlas.datasets import build_dataset
-from atlas.longrange import PALETTE, LongRangeMatch, plot_examples
+from atlas.longrange import PALETTE, LongRangeMatch, build_longrange, plot_examples
 from atlas.scales import map_to_windows
 
 matplotlib.use("Agg")
@@ -65,6 +67,45 @@ def test_recoloring_one_bar_flips_the_label_and_changes_only_its_side():
         assert other.label == 1 - scene.label
         changed_columns = np.argwhere((ds.render(scene) != ds.render(other)).any(-1))[:, 1]
         assert len(changed_columns) > 0 and changed_columns.min() >= ds.image_size - ds.bar_width
+
+
+def test_a_resampling_split_draws_new_images_every_epoch_and_a_fixed_one_does_not():
+    train = build_longrange("train", None, train_size=8, resample_train=True)
+    val = build_longrange("val", None, val_size=8, resample_train=True)
+    first = [train.image(i)[0] for i in range(8)]
+    labels = [train.image(i)[1] for i in range(8)]
+    fixed = [val.image(i)[0] for i in range(8)]
+
+    train.set_epoch(1), val.set_epoch(1)
+    assert all((train.image(i)[0] != first[i]).any() for i in range(8))  # new noise (and maybe new colours)
+    assert [train.image(i)[1] for i in range(8)] == labels  # labels still alternate: still balanced
+    assert all((val.image(i)[0] == fixed[i]).all() for i in range(8))  # validation never changes
+    again = LongRangeMatch("train", 8, resample=True)
+    again.set_epoch(1)
+    assert all((again.image(i)[0] == train.image(i)[0]).all() for i in range(8))  # deterministic per epoch
+    train.set_epoch(0)
+    assert all((train.image(i)[0] == first[i]).all() for i in range(8))
+
+
+@pytest.mark.parametrize("num_colors", [2, 3, 4])
+def test_no_threshold_on_left_plus_right_evidence_beats_three_in_four(num_colors):
+    """The module docstring's bound on what the averaging classifier can do without comparing the sides.
+
+    Searches every rule "same iff g(left colour) + h(right colour) >= t" (or its negation) with integer scores
+    in [0, num_colors), weighting each colour pair by its probability in the task: 1/2 that the pair is the
+    same, then uniform (test_classes_are_balanced_... checks that the generator draws them so).
+    """
+    k = num_colors
+    same = np.eye(k, dtype=bool)
+    prob = np.where(same, 1 / (2 * k), 1 / (2 * k * (k - 1)))
+    scores = np.array(list(itertools.product(range(k), repeat=k)))  # (k^k, k): every g (and every h)
+    sums = scores[:, None, :, None] + scores[None, :, None, :]  # (g, h, left, right)
+    best = 0.0
+    for t in range(2 * k):
+        correct = ((sums >= t) == same) * prob
+        accuracy = correct.sum((2, 3))
+        best = max(best, accuracy.max(), (1 - accuracy).max())
+    assert best == pytest.approx(3 / 4)
 
 
 def pixels_seen(outputs_of, count: int) -> np.ndarray:

@@ -51,6 +51,7 @@ def test_explorer_offers_what_each_block_recorded(model, pixels):
     assert [value for _, value in explorer.kind.options] == ["top_down", "bottom_up"]
     assert [value for _, value in explorer.scale.options] == [0, 1, 2]
     assert len(explorer.figure.axes) == 3  # a scale-1 query reads scales 1, 2 and 3
+    assert bytes(explorer.view.value).startswith(b"\x89PNG")  # the figure, shown as a picture
     assert len(explorer.grid.children) == 4 * 6
 
     explorer.scale.value = 1
@@ -75,8 +76,10 @@ def test_clicking_a_grid_cell_selects_its_token(model, pixels):
     explorer = explorer_for(model, pixels)
     cell = explorer.grid.children[1 * 6 + 4]  # row 1, column 4 of the 4x6 token grid
     assert cell.tooltip == "token (1, 4)"
+    before = bytes(explorer.view.value)
     cell.click()
     assert (explorer.row.value, explorer.col.value) == (1, 4)
+    assert bytes(explorer.view.value) != before  # redrawn
     assert "query token (1, 4) at scale 1" in explorer.figure._suptitle.get_text()
     expected = explorer.maps.query(0, 0, 0, (1, 4))
     assert percentages(explorer.figure) == [round(100 * expected[s].sum()) for s in sorted(expected)]

@@ -30,7 +30,7 @@ def test_times_a_tiny_atlas_and_writes_every_column(benchmark, tmp_path, capsys)
     assert len(table) == len(rows) == 1
     row = table[0]
     assert (row["model"], row["height"], row["width"], row["device"]) == ("atlas_tiny_patch16", "64", "64", "cpu")
-    assert min(float(row[k]) for k in ("fwd_ms", "train_ms", "fwd_cpu_ms", "train_cpu_ms")) > 0
+    assert min(float(row[k]) for k in ("fwd_ms", "train_ms", "fwd_cpu_ms", "train_cpu_ms", "fwd_fused_ms")) > 0
     assert 0 < float(row["stem_gflops_per_image"]) < float(row["gflops_per_image"])
     assert 0 < float(row["stem_share"]) < 1
 
@@ -83,3 +83,5 @@ def test_speedups_compare_models_at_the_same_size(benchmark):
     assert benchmark.speedups(rows, "b") == [
         "64x64: a vs b: forward 2.00x (CPU time 1.50x), forward+backward 3.00x (CPU time 4.00x)"
     ]
+    rows[0].update(fwd_fused_ms=5.0, fwd_fused_cpu_ms=10.0)
+    assert benchmark.speedups(rows, "b")[0].endswith("fused forward 4.00x (CPU time 3.00x)")

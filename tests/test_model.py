@@ -57,6 +57,27 @@ def test_grad_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(a, p.grad)
 
 
+def test_stem_runs_channels_last_and_hands_the_stages_a_contiguous_map():
+    model = Atlas(img_size=64, **TINY).eval()
+    stem_bchw, stages = model.forward_stages(torch.randn(1, 3, 64, 48))
+    assert stem_bchw.is_contiguous(memory_format=torch.channels_last)
+    assert stem_bchw.permute(0, 2, 3, 1).is_contiguous()  # the (B, h, w, C) token map is a free view
+
+
+def test_fused_batchnorm_gives_the_same_outputs_and_no_batchnorm_is_left():
+    model = Atlas(img_size=64, **TINY)
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):  # non-trivial statistics
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model.eval()(x)
+        with pytest.raises(RuntimeError, match=r"call \.eval\(\) first"):
+            Atlas(img_size=64, **TINY).stem.fuse_batchnorm()
+        assert model.fuse_for_inference() is model
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+
 def scale0_receptive_field(multiscale: bool, token: tuple[int, int]):
     layout = MultiScaleLayout((32, 32), 8, 4, multiscale=multiscale)
     block = MSABlock(16, 2, layout.num_scales).eval()

@@ -47,7 +47,7 @@ def test_variants_differ_only_in_the_attention_and_have_one_size():
         layout = cfg.layout
         assert layout.num_scales == (2 if cfg.multiscale else 1) and layout.scales[0].num_windows == 16
         assert model.embed_dim == vit.embed_dim == 64
-        assert sum(len(stage.blocks) for stage in model.stages) == len(vit.blocks) == 3
+        assert sum(len(stage.blocks) for stage in model.stages) == len(vit.blocks) == 4
         assert layout.scales[0].num_tokens == vit.patch_embed.num_patches == 256
 
 
@@ -65,13 +65,15 @@ def test_quick_demo_writes_tables_figures_and_a_model_that_reproduces_its_accura
     epochs_drawn = []
     set_epoch = LongRangeMatch.set_epoch
     monkeypatch.setattr(LongRangeMatch, "set_epoch", lambda ds, e: (epochs_drawn.append(e), set_epoch(ds, e)))
-    results = demo.main(["--quick", "--variants", "window", "msa", "--out", str(tmp_path), "--threads", "1"])
+    args = ["--quick", "--variants", "window", "msa", "--out", str(tmp_path), "--threads", "1", "--seed", "3"]
+    results = demo.main(args)
     assert [r.variant for r in results] == ["window", "msa"]
     assert epochs_drawn == [0, 1] * 2  # train.py asks the task for each epoch's images
     assert [len(r.epochs) for r in results] == [2, 2]
     for name in ("table.csv", "table.md", "learning_curves.png", "accuracy.png", "atlas_msa.pt"):
         assert (tmp_path / name).stat().st_size > 0, name
-    assert not (tmp_path / "asset.pt").exists()  # --quick never replaces the notebook's model
+    assert not (tmp_path / "asset.pt").exists()  # only --save-asset replaces the notebook's model
+    assert yaml.safe_load((tmp_path / "runs" / "msa" / "config.yaml").read_text())["seed"] == 3
 
     with open(tmp_path / "table.csv", newline="") as f:
         rows = list(csv.DictReader(f))

@@ -340,11 +340,12 @@ def main(argv: list[str] | None = None) -> None:
 
     # Data loaders: the training order comes from the resumable sampler, validation is sharded by rank.
     workers = cfg.data.workers
+    resamples = hasattr(train_set, "set_epoch")  # a dataset that draws new samples every epoch
     loader_args = dict(
         num_workers=workers,
         pin_memory=cuda,
         collate_fn=collate_skip_unreadable,
-        persistent_workers=workers > 0 and not hasattr(train_set, "set_epoch"),  # workers copy the dataset
+        persistent_workers=workers > 0 and not resamples,  # persistent workers would keep epoch 0's copy
         generator=torch.Generator().manual_seed(cfg.seed),
     )
     train_loader = DataLoader(SeededSamples(train_set), bs, sampler=train_sampler, drop_last=True, **loader_args)
@@ -426,7 +427,7 @@ def main(argv: list[str] | None = None) -> None:
         epoch_start = time.time()
         first_step = start_step if epoch == start_epoch else 0
         train_sampler.set_epoch(epoch, skip=first_step * accum * bs)
-        if hasattr(train_set, "set_epoch"):  # a dataset that draws new samples every epoch
+        if resamples:
             train_set.set_epoch(epoch)
         batches = iter(train_loader)
         model.train()

@@ -41,8 +41,8 @@ PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
 COLUMNS = [
     "model", "height", "width", "batch", "device", "dtype", "channels_last", "params_m", "gflops_per_image",
     "stem_gflops_per_image", "stem_share", "train_gflops_per_image", "fwd_ms", "train_ms", "fwd_cpu_ms",
-    "train_cpu_ms", "fwd_fused_ms", "fwd_fused_cpu_ms", "fwd_peak_mib", "train_peak_mib", "memory_method", "threads",
-    "torch",
+    "train_cpu_ms", "fwd_fused_ms", "fwd_fused_cpu_ms", "fwd_gflop_s", "train_gflop_s", "matmul_gflop_s",
+    "fwd_peak_mib", "train_peak_mib", "memory_method", "threads", "torch",
 ]  # fmt: skip
 
 
@@ -78,6 +78,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="N",
         help="after timing, print the N ops that took longest in one forward+backward pass (torch.profiler)",
     )
+    parser.add_argument(
+        "--matmul-size",
+        type=int,
+        default=4096,
+        metavar="N",
+        help="time an N x N x N matrix product as the device's reference FLOP rate (0: skip)",
+    )
     parser.add_argument("--baseline", help="also print every model's speed-up over this one (one of --models)")
     parser.add_argument("--csv", type=Path, help="write the table to this CSV file")
     args = parser.parse_args(argv)
@@ -90,6 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--baseline {args.baseline!r} must be one of --models {args.models}")
     if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
         parser.error("--batch-size, --repeats and --threads must be >= 1, --warmup >= 0")
+    if args.matmul_size < 0:
+        parser.error(f"--matmul-size must be >= 0 (0 skips the reference product), got {args.matmul_size}")
     return args
 
 
@@ -225,6 +234,24 @@ def time_model(model: torch.nn.Module, images: torch.Tensor, args: argparse.Name
     }
 
 
+def matmul_gflop_s(size: int, args: argparse.Namespace) -> float:
+    """GFLOP/s of one ``size x size`` by ``size x size`` product in the run's dtype (median of at least 5 runs)."""
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    seconds = median_seconds(lambda: torch.mm(a, b, out=out), max(args.warmup, 1), max(args.repeats, 5), device)
+    return 2 * size**3 / seconds["wall"] / 1e9
+
+
+def add_flop_rates(row: dict, matmul: float | None) -> None:
+    """``row``'s achieved GFLOP/s (FLOPs per image x batch / wall time), and the reference product's rate."""
+    images = row["batch"]
+    row["fwd_gflop_s"] = round(row["gflops_per_image"] * images / row["fwd_ms"] * 1e3, 1)
+    row["train_gflop_s"] = round(row["train_gflops_per_image"] * images / row["train_ms"] * 1e3, 1)
+    row["matmul_gflop_s"] = "" if matmul is None else round(matmul, 1)
+
+
 def profile_table(run: Callable[[], None], device: torch.device, rows: int) -> str:
     """The ``rows`` ops with the largest own time (self time, children excluded) in one call of ``run``."""
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -323,15 +350,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"note: {name} cannot be constructed on the meta device; built on the CPU, its FLOPs counted on meta")
     load_before = os.getloadavg()[0]
     if not args.flops_only:
+        matmul = None
+        if args.matmul_size:
+            n = args.matmul_size
+            print(f"timing a {n}x{n}x{n} {args.dtype} matrix product ...", flush=True)
+            matmul = matmul_gflop_s(n, args)
         for row in rows:
             print(f"timing {row['model']} at {row['height']}x{row['width']} ...", flush=True)
             row.update(timing_row(row["model"], (row["height"], row["width"]), args))
+            add_flop_rates(row, matmul)
     columns = [c for c in COLUMNS if any(c in row for row in rows)]
     print(format_table(rows, [c for c in columns if c not in ("torch", "threads", "memory_method")]))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, FLOPs per image counted on the meta device")
     if not args.flops_only:
         print(f"memory: extra over weights and input, {rows[0]['memory_method']}")
         print(f"1-minute load average: {load_before:.2f} before timing, {os.getloadavg()[0]:.2f} after")
+        if rows[0]["matmul_gflop_s"]:
+            n = args.matmul_size
+            print(f"reference: a {n}x{n}x{n} {args.dtype} matrix product runs at {rows[0]['matmul_gflop_s']} GFLOP/s")
     if args.baseline and not args.flops_only:
         print("\n".join(speedups(rows, args.baseline)))
     if args.csv:

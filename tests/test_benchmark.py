@@ -22,6 +22,7 @@ def benchmark():
 def test_times_a_tiny_atlas_and_writes_every_column(benchmark, tmp_path, capsys):
     out = tmp_path / "bench.csv"
     args = ["--models", "atlas_tiny_patch16", "--sizes", "64", "--repeats", "1", "--warmup", "0", "--profile", "3"]
+    args += ["--matmul-size", "64"]
     rows = benchmark.main([*args, "--device", "cpu", "--csv", str(out)])
     assert "Self CPU" in capsys.readouterr().out
     with out.open() as f:
@@ -33,6 +34,10 @@ def test_times_a_tiny_atlas_and_writes_every_column(benchmark, tmp_path, capsys)
     assert min(float(row[k]) for k in ("fwd_ms", "train_ms", "fwd_cpu_ms", "train_cpu_ms", "fwd_fused_ms")) > 0
     assert 0 < float(row["stem_gflops_per_image"]) < float(row["gflops_per_image"])
     assert 0 < float(row["stem_share"]) < 1
+    for rate in ("fwd_gflop_s", "train_gflop_s", "matmul_gflop_s"):
+        assert float(row[rate]) > 0
+    train_rate = float(row["train_gflops_per_image"]) / float(row["train_ms"]) * 1e3
+    assert float(row["train_gflop_s"]) == pytest.approx(train_rate, rel=0.01, abs=0.1)
 
 
 def test_flops_only_skips_timing_and_takes_non_square_sizes(benchmark, tmp_path):
@@ -42,6 +47,16 @@ def test_flops_only_skips_timing_and_takes_non_square_sizes(benchmark, tmp_path)
     assert "fwd_ms" not in rows[0] and rows[0]["stem_share"] == ""
     with out.open() as f:
         assert "train_ms" not in next(csv.DictReader(f))
+
+
+def test_matmul_reference_can_be_skipped_but_not_negative(benchmark, capsys):
+    args = ["--models", "atlas_tiny_patch16", "--sizes", "64", "--repeats", "1", "--warmup", "0", "--device", "cpu"]
+    row = benchmark.main([*args, "--matmul-size", "0"])[0]
+    assert row["matmul_gflop_s"] == "" and row["train_gflop_s"] > 0
+    assert "reference:" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        benchmark.main([*args, "--matmul-size", "-1"])
+    assert "--matmul-size must be >= 0" in capsys.readouterr().err
 
 
 def test_parse_size(benchmark):

@@ -25,6 +25,7 @@ test: $(STAMP) lint
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

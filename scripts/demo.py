@@ -99,7 +99,6 @@ def train_variant(variant: str, out: Path, overrides: list[str]) -> tuple[Result
     train.main(["--config", str(config), "--set", *settings])
     cfg = load_config(config, settings)
     epochs = read_records(run_dir, "epoch")
-    params = sum(p.numel() for p in train.build_model(cfg).parameters())
     result = Result(
         variant=variant,
         name=cfg.description,
@@ -107,7 +106,7 @@ def train_variant(variant: str, out: Path, overrides: list[str]) -> tuple[Result
         top1=epochs[-1]["val_top1"],
         loss=epochs[-1]["train_loss"],
         train_s=sum(e["epoch_time_s"] for e in epochs),
-        params=params,
+        params=read_records(run_dir, "run")[-1]["params"],
         epochs=epochs,
         steps=read_records(run_dir, "step"),
     )

@@ -352,6 +352,7 @@ def main(argv: list[str] | None = None) -> None:
     val_shard = Subset(val_set, range(rank, len(val_set), world))
     val_loader = DataLoader(val_shard, cfg.eval.batch_size or bs, **loader_args)
 
+    n_params = sum(p.numel() for p in raw_model.parameters())
     logger = None
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -366,6 +367,7 @@ def main(argv: list[str] | None = None) -> None:
             paper_top1=cfg.paper_top1,
             model=cfg.model.name,
             img_size=cfg.model.img_size,
+            params=n_params,
             epochs=epochs,
             steps_per_epoch=steps_per_epoch,
             world_size=world,
@@ -375,7 +377,6 @@ def main(argv: list[str] | None = None) -> None:
             resumed_from=str(resume) if resume else None,
             step=global_step,
         )
-    n_params = sum(p.numel() for p in raw_model.parameters())
     log(f"{cfg.model.name} ({n_params / 1e6:.1f}M parameters) at {cfg.model.img_size}px on {world} x {device.type}")
     log(
         f"{len(train_set)} train / {len(val_set)} val images, {steps_per_epoch} steps per epoch, "

@@ -58,6 +58,8 @@ def ddp_run(tmp_path_factory) -> Path:
 def test_ddp_trains_evaluates_and_checkpoints(ddp_run):
     (run,) = records(ddp_run, "run")
     assert run["world_size"] == 2 and run["global_batch"] == 32 and run["steps_per_epoch"] == 2
+    model = train_script.build_model(load_config(CONFIGS / "tiny_cpu_synthetic.yaml", []))
+    assert run["params"] == sum(p.numel() for p in model.parameters())
     epochs = records(ddp_run, "epoch")
     assert [e["epoch"] for e in epochs] == [1, 2, 3]
     for e in epochs:

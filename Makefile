@@ -5,7 +5,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 EXTRAS := notebooks,train,dev
 
-.PHONY: demo test lint lab tour benchmark clean
+# `make test-portable` runs the notebooks under another CPU kernel family than this machine's: AVX2 on a CPU with
+# AVX-512 (what an AMD EPYC user gets), the generic kernels on one without. CI runs `make test` only.
+AVX512 := $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo yes)
+PORTABLE_ENV := $(if $(AVX512),ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2,ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41)
+NBVAL := -m pytest --nbval notebooks --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg -p no:cacheprovider
+
+.PHONY: demo test test-portable lint lab tour benchmark clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +27,11 @@ tour: $(STAMP)
 
 test: $(STAMP) lint
 	$(PY) -m pytest tests
-	$(PY) -m pytest --nbval notebooks --nbval-sanitize-with notebooks/nbval_sanitize.cfg -p no:cacheprovider
+	$(PY) $(NBVAL)
+
+test-portable: $(STAMP)
+	$(PORTABLE_ENV) $(PY) -c "import torch; print('CPU kernels:', torch.backends.cpu.get_cpu_capability())"
+	$(PORTABLE_ENV) $(PY) $(NBVAL)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

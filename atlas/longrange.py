@@ -24,6 +24,12 @@ tokens and windows of 4x4 tokens, i.e. 16px):
   The normalisation divides by the norm of the average, a weak second-order coupling between windows, and
   is the only other non-linearity. In the demo's budget, window attention stays at chance.
 
+The same argument holds for the smaller geometry of ``make demo`` (``scripts/configs/demo/``): 32px images with
+4px bars and a stem of one residual block per stage, whose receptive field is 19px wide (11px before a token,
+8px after it). A quadrant window with its stem context then reaches pixel 23 from the left half and pixel 5
+from the right half, short of the far bar on either side (``tests/test_longrange.py`` checks both geometries).
+With the paper's deeper stem, the 32px task is *not* blind: its 47px field spans the whole image.
+
 Multi-scale attention connects the sides through the coarse scale: max-pooling brings each bar into the
 coarse tokens, the coarse scale is a single window that attends globally, and top-down / bottom-up
 attention carries information between the scales. A ViT with global attention can solve it as well.

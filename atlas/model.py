@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .msa import BlockGeometry, MSABlock
 from .scales import ROUTINGS, MultiScaleLayout, build_pyramid, image_to_map, map_to_tokens
-from .stem import ConvStem
+from .stem import ConvStem, check_memory_format
 
 # Blocks per stage, by number of scales. Two scales (1024px) is the paper's "D2D10"; three scales
 # (2048px, 4096px) is our choice, the paper does not state it.
@@ -37,6 +37,7 @@ class AtlasConfig:
     embed_dim: int = 768
     num_heads: int = 12
     stem_width: int = 192
+    stem_depth: int = 3  # residual blocks in each of the stem's two stages (FasterViT's and the paper's: 3)
     mlp_ratio: float = 4.0
     patch_size: int = 16
     window_size: int = 16
@@ -49,6 +50,7 @@ class AtlasConfig:
     top_down: bool = True
     bottom_up: bool = True
     routing: str = "containing"
+    memory_format: str = "auto"  # the stem's: "auto", "channels_last" or "contiguous" (see atlas/stem.py)
 
     def __post_init__(self):
         if isinstance(self.img_size, int):
@@ -67,8 +69,14 @@ class AtlasConfig:
             )
         if self.routing not in ROUTINGS:
             problems.append(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
+        try:
+            check_memory_format(self.memory_format)
+        except ValueError as error:
+            problems.append(str(error))
         if not 0.0 <= self.drop_path_rate < 1.0:
             problems.append(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if self.stem_depth < 0:
+            problems.append(f"stem_depth must be >= 0 residual blocks per stem stage, got {self.stem_depth}")
         if self.in_chans < 1 or self.num_classes < 0:
             problems.append(f"in_chans must be >= 1 and num_classes >= 0, got {self.in_chans}, {self.num_classes}")
         if problems:
@@ -155,7 +163,9 @@ class Atlas(nn.Module):
         self.config = config
         self.num_classes = config.num_classes
         self.num_features = self.embed_dim = config.embed_dim
-        self.stem = ConvStem(config.in_chans, config.stem_width, config.patch_size)
+        self.stem = ConvStem(
+            config.in_chans, config.stem_width, config.patch_size, config.stem_depth, config.memory_format
+        )
         num_scales = len(config.depths)
         self.stages = nn.ModuleList(
             AtlasStage(config, num_scales - i, [config.drop_path_rate * j / max(d - 1, 1) for j in range(d)])
@@ -228,6 +238,14 @@ class Atlas(nn.Module):
         """Eval mode with the stem's batch norms folded into its convolutions (faster, same outputs); ``self``."""
         self.eval()
         self.stem.fuse_batchnorm()
+        return self
+
+    def set_memory_format(self, memory_format: str) -> Atlas:
+        """The stem's memory format: "auto" (per device), "channels_last" or "contiguous"; returns ``self``.
+
+        Outputs do not change (up to float rounding); speed does, by device (``atlas/stem.py``).
+        """
+        self.config.memory_format = self.stem.memory_format = check_memory_format(memory_format)
         return self
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -3,10 +3,18 @@
 It follows FasterViT's stem, as Atlas does: two strided 3x3 convolutions, then two stages of residual
 convolution blocks, each followed by a LayerNorm and a strided 3x3 convolution that doubles the width.
 
-The stem runs in channels-last memory (NHWC): on CPUs and on GPUs with tensor cores the convolution kernels
-prefer it, batch norm and GELU then need no layout conversions, and the token map ``(B, h, w, C)`` the
-stages read is a free view of its output. ``fuse_batchnorm()`` folds each batch norm into the convolution
-before it, for inference.
+Its memory format is a choice (``memory_format``), because the fastest one depends on the device:
+
+* ``"channels_last"`` (NHWC): the convolutions of GPUs with tensor cores and of CPUs with AVX-512 prefer it,
+  batch norm and GELU then need no layout conversions, and the token map ``(B, h, w, C)`` the stages read is
+  a free view of the stem's output;
+* ``"contiguous"`` (NCHW): faster on CPUs with AVX2 only (on an AMD EPYC, channels-last made the Atlas-B/16
+  stem 1.5x slower; ``docs/benchmarks.md`` has the measurements);
+* ``"auto"`` (the default) picks channels-last on CUDA and on CPUs whose kernels PyTorch runs with AVX-512,
+  contiguous on other CPUs (:func:`preferred_memory_format`).
+
+The format changes only how tensors are laid out in memory, not what is computed (equal up to float
+rounding). ``fuse_batchnorm()`` folds each batch norm into the convolution before it, for inference.
 """
 
 from __future__ import annotations
@@ -15,6 +23,27 @@ import torch
 from timm.layers import LayerNorm2d
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+
+
+def preferred_memory_format(device: torch.device) -> str:
+    """The stem's fastest memory format on ``device`` as measured: channels-last on CUDA and on AVX-512 CPUs.
+
+    The CPU family is the one PyTorch dispatches its kernels for (``torch.backends.cpu.get_cpu_capability()``,
+    which ``ATEN_CPU_CAPABILITY=avx2`` lowers): "AVX512" -> channels-last, anything else -> contiguous.
+    """
+    if device.type == "cuda":
+        return "channels_last"
+    if device.type == "cpu":
+        return "channels_last" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "contiguous"
+    return "contiguous"
+
+
+def check_memory_format(memory_format: str) -> str:
+    if memory_format != "auto" and memory_format not in MEMORY_FORMATS:
+        raise ValueError(f"memory_format must be 'auto' or one of {sorted(MEMORY_FORMATS)}, got {memory_format!r}")
+    return memory_format
 
 
 def conv3x3(in_chans: int, out_chans: int, stride: int = 1, bias: bool = True) -> nn.Conv2d:
@@ -49,8 +78,9 @@ class Downsample(nn.Module):
         self.norm = LayerNorm2d(in_chans, eps=1e-5)
         self.conv = conv3x3(in_chans, out_chans, stride, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(self.norm(x))
+    def forward(self, x: torch.Tensor, memory_format: torch.memory_format = torch.channels_last) -> torch.Tensor:
+        # The norm works on (B, h, w, C) and hands back a channels-last view; keep the stem's format.
+        return self.conv(self.norm(x).contiguous(memory_format=memory_format))
 
 
 class ConvStem(nn.Module):
@@ -62,8 +92,16 @@ class ConvStem(nn.Module):
 
     STRIDES = {16: (2, 2, 2, 2), 8: (1, 2, 2, 2), 4: (1, 1, 2, 2)}
 
-    def __init__(self, in_chans: int = 3, width: int = 192, patch_size: int = 16, blocks_per_stage: int = 3):
+    def __init__(
+        self,
+        in_chans: int = 3,
+        width: int = 192,
+        patch_size: int = 16,
+        blocks_per_stage: int = 3,
+        memory_format: str = "auto",
+    ):
         super().__init__()
+        self.memory_format = check_memory_format(memory_format)
         if patch_size not in self.STRIDES:
             raise ValueError(f"patch_size must be one of {sorted(self.STRIDES)}, got {patch_size}")
         s0, s1, s2, s3 = self.STRIDES[patch_size]
@@ -80,10 +118,15 @@ class ConvStem(nn.Module):
         self.stage2 = nn.Sequential(*(ResidualConvBlock(2 * width) for _ in range(blocks_per_stage)))
         self.down2 = Downsample(2 * width, 4 * width, s3)
 
+    def resolved_memory_format(self, device: torch.device) -> str:
+        """``memory_format``, with "auto" replaced by the preferred format of ``device``."""
+        return preferred_memory_format(device) if self.memory_format == "auto" else self.memory_format
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, in_chans, H, W)`` -> ``(B, 4F, ceil(H/p), ceil(W/p))``, in channels-last memory."""
-        x = x.contiguous(memory_format=torch.channels_last)
-        return self.down2(self.stage2(self.down1(self.stage1(self.embed(x)))))
+        """``(B, in_chans, H, W)`` -> ``(B, 4F, ceil(H/p), ceil(W/p))``, in :meth:`resolved_memory_format`."""
+        memory_format = MEMORY_FORMATS[self.resolved_memory_format(x.device)]
+        x = self.stage1(self.embed(x.contiguous(memory_format=memory_format)))
+        return self.down2(self.stage2(self.down1(x, memory_format)), memory_format)
 
     @torch.no_grad()
     def fuse_batchnorm(self) -> ConvStem:

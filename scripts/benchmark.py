@@ -39,10 +39,11 @@ PROC_STATUS = Path("/proc/self/status")
 PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
 
 COLUMNS = [
-    "model", "height", "width", "batch", "device", "dtype", "channels_last", "params_m", "gflops_per_image",
+    "model", "height", "width", "batch", "device", "dtype", "channels_last",
+    "memory_format", "params_m", "gflops_per_image",
     "stem_gflops_per_image", "stem_share", "train_gflops_per_image", "fwd_ms", "train_ms", "fwd_cpu_ms",
     "train_cpu_ms", "fwd_fused_ms", "fwd_fused_cpu_ms", "fwd_gflop_s", "train_gflop_s", "matmul_gflop_s",
-    "fwd_peak_mib", "train_peak_mib", "memory_method", "threads", "torch",
+    "fwd_peak_mib", "train_peak_mib", "memory_method", "threads", "cpu_kernels", "torch",
 ]  # fmt: skip
 
 
@@ -66,6 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 runs under autocast")
     parser.add_argument("--channels-last", action="store_true", help="model and input in channels-last memory")
+    parser.add_argument(
+        "--memory-format",
+        choices=["auto", "channels_last", "contiguous"],
+        default="auto",
+        help="Atlas's stem memory format (model.set_memory_format; default: auto, chosen per device)",
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
@@ -300,7 +307,10 @@ def timing_row(name: str, size: tuple[int, int], args: argparse.Namespace) -> di
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
-    return time_model(model, images, args)
+    memory_format = ""
+    if isinstance(model, Atlas):
+        memory_format = model.set_memory_format(args.memory_format).stem.resolved_memory_format(device)
+    return {"memory_format": memory_format, **time_model(model, images, args)}
 
 
 # -- output ----------------------------------------------------------------------------------------------
@@ -342,6 +352,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "dtype": args.dtype,
         "channels_last": args.channels_last,
         "threads": torch.get_num_threads(),
+        "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
     }
     # FLOPs first: cheap, and it rejects sizes a model cannot take before any long timing run starts.

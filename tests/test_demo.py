@@ -45,10 +45,10 @@ def test_variants_differ_only_in_the_attention_and_have_one_size():
         cfg = model.config
         assert (cfg.multiscale, cfg.top_down, cfg.bottom_up) == SWITCHES[variant]
         layout = cfg.layout
-        assert layout.num_scales == (2 if cfg.multiscale else 1) and layout.scales[0].num_windows == 16
+        assert layout.num_scales == (2 if cfg.multiscale else 1) and layout.scales[0].num_windows == 4
         assert model.embed_dim == vit.embed_dim == 64
-        assert sum(len(stage.blocks) for stage in model.stages) == len(vit.blocks) == 4
-        assert layout.scales[0].num_tokens == vit.patch_embed.num_patches == 256
+        assert sum(len(stage.blocks) for stage in model.stages) == len(vit.blocks) == 3
+        assert layout.scales[0].num_tokens == vit.patch_embed.num_patches == 64
 
 
 def test_paper_numbers_are_the_papers_table4():
@@ -65,22 +65,43 @@ def test_quick_demo_writes_tables_figures_and_a_model_that_reproduces_its_accura
     epochs_drawn = []
     set_epoch = LongRangeMatch.set_epoch
     monkeypatch.setattr(LongRangeMatch, "set_epoch", lambda ds, e: (epochs_drawn.append(e), set_epoch(ds, e)))
-    args = ["--quick", "--variants", "window", "msa", "--out", str(tmp_path), "--threads", "1", "--seed", "3"]
+    args = [
+        "--quick",
+        "--variants",
+        "window",
+        "msa",
+        "--out",
+        str(tmp_path),
+        "--threads",
+        "1",
+        "--jobs",
+        "1",
+        "--seeds",
+        "3",
+        "4",
+    ]
     results = demo.main(args)
-    assert [r.variant for r in results] == ["window", "msa"]
-    assert epochs_drawn == [0, 1] * 2  # train.py asks the task for each epoch's images
-    assert [len(r.epochs) for r in results] == [2, 2]
-    for name in ("table.csv", "table.md", "learning_curves.png", "accuracy.png", "atlas_msa.pt"):
+    assert [(r.variant, r.seed) for r in results] == [("window", 3), ("window", 4), ("msa", 3), ("msa", 4)]
+    assert epochs_drawn == [0, 1] * 4  # train.py asks the task for each epoch's images
+    assert [len(r.epochs) for r in results] == [2] * 4
+    for name in ("table.csv", "table.md", "runs.csv", "learning_curves.png", "accuracy.png", "atlas_msa.pt"):
         assert (tmp_path / name).stat().st_size > 0, name
     assert not (tmp_path / "asset.pt").exists()  # only --save-asset replaces the notebook's model
-    assert yaml.safe_load((tmp_path / "runs" / "msa" / "config.yaml").read_text())["seed"] == 3
+    for seed in (3, 4):
+        assert yaml.safe_load((tmp_path / "runs" / f"msa_seed{seed}" / "config.yaml").read_text())["seed"] == seed
 
     with open(tmp_path / "table.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [row["variant"] for row in rows] == [r.name for r in results]
+    assert [row["variant"] for row in rows] == [results[0].name, results[2].name]
     assert [row["paper top-1 (%)"] for row in rows] == ["59.39", "72.02"]
-    assert [float(row["our top-1 (%)"]) for row in rows] == [round(r.top1, 2) for r in results]
-    assert (tmp_path / "table.md").read_text().count("\n") == 2 + len(results)
+    for row, runs in zip(rows, (results[:2], results[2:]), strict=True):
+        top1 = [r.top1 for r in runs]
+        assert float(row["our top-1, mean (%)"]) == round(sum(top1) / 2, 1)
+        assert row["our top-1, range (%)"] == f"{min(top1):.1f} to {max(top1):.1f}"
+        assert row["seeds solved (top-1 >= 90%)"] == f"{sum(t >= demo.SOLVED for t in top1)} of 2"
+    assert (tmp_path / "table.md").read_text().count("\n") == 2 + len(rows)
+    with open(tmp_path / "runs.csv", newline="") as f:
+        assert [float(row["top-1 (%)"]) for row in csv.DictReader(f)] == [round(r.top1, 2) for r in results]
 
     ckpt = torch.load(tmp_path / "atlas_msa.pt", map_location="cpu", weights_only=True)
     model = timm.create_model(ckpt["model_name"], **ckpt["model_kwargs"]).eval()
@@ -92,4 +113,12 @@ def test_quick_demo_writes_tables_figures_and_a_model_that_reproduces_its_accura
     with torch.no_grad():
         predictions = model(torch.stack(images)).argmax(1)
     top1 = 100 * (predictions == torch.tensor(labels)).float().mean().item()
-    assert abs(top1 - ckpt["val_top1"]) < 1e-6 and ckpt["val_top1"] == results[-1].top1
+    assert abs(top1 - ckpt["val_top1"]) < 1e-6 and ckpt["val_top1"] == results[2].top1  # the first seed's
+
+
+def test_the_attention_map_notebooks_model_is_the_one_its_config_trains():
+    ckpt = torch.load(demo.ASSET, map_location="cpu", weights_only=True)
+    cfg = load_config(demo.ASSET_CONFIG)
+    assert ckpt["model_kwargs"] == dict(img_size=cfg.model.img_size, num_classes=2, **cfg.model.kwargs)
+    assert ckpt["task"] == {"name": cfg.data.name, **cfg.data.kwargs}
+    assert ckpt["model_name"] == cfg.model.name and ckpt["val_top1"] >= demo.SOLVED

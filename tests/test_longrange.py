@@ -15,9 +15,16 @@ from atlas.scales import map_to_windows
 
 matplotlib.use("Agg")
 
-# The demo's geometry (scripts/configs/demo/_atlas.yaml): 64px images, 4x4-pixel tokens, windows of 4x4 tokens;
-# narrower than the demo's models (which pixels a token depends on does not depend on the width).
+# The module's default geometry: 64px images, 4x4-pixel tokens, windows of 4x4 tokens, the paper's stem (the model
+# of the attention-map notebook, scripts/configs/demo/attention_maps_64px.yaml); narrower than the demo's models
+# (which pixels a token depends on does not depend on the width).
 ATLAS = dict(img_size=64, patch_size=4, window_size=4, pool_stride=4, embed_dim=16, num_heads=2, stem_width=4)
+# The demo's table (scripts/configs/demo/_atlas.yaml): 32px images with 4px bars, one residual block per stem stage.
+DEMO = {**ATLAS, "img_size": 32, "stem_depth": 1}
+GEOMETRIES = {
+    "default 64px": (ATLAS, {}, (2,), (1, 1)),
+    "demo 32px": (DEMO, dict(image_size=32, bar_width=4), (3,), (2, 1)),
+}
 
 
 def test_samples_are_deterministic_per_seed_split_and_index():
@@ -108,13 +115,13 @@ def test_no_threshold_on_left_plus_right_evidence_beats_three_in_four(num_colors
     assert best == pytest.approx(3 / 4)
 
 
-def pixels_seen(outputs_of, count: int) -> np.ndarray:
-    """``(count, 64, 64)`` bool: the input pixels output ``i`` depends on, found by gradients.
+def pixels_seen(outputs_of, count: int, size: int) -> np.ndarray:
+    """``(count, size, size)`` bool: the input pixels output ``i`` depends on, found by gradients.
 
-    ``outputs_of(images)`` maps a ``(count, 3, 64, 64)`` batch to ``(count, count, ...)`` outputs; output ``i``
+    ``outputs_of(images)`` maps a ``(count, 3, size, size)`` batch to ``(count, count, ...)`` outputs; output ``i``
     of image ``i`` is back-propagated (the models are in eval mode, so the images of a batch are independent).
     """
-    images = torch.randn(count, 3, 64, 64, requires_grad=True)
+    images = torch.randn(count, 3, size, size, requires_grad=True)
     outputs = outputs_of(images)
     outputs[torch.arange(count), torch.arange(count)].abs().sum().backward()
     return images.grad.abs().sum(1).numpy() > 0
@@ -125,23 +132,26 @@ def sees_both_bars(seen: np.ndarray, width: int) -> np.ndarray:
     return seen[:, :, :width].any((1, 2)) & seen[:, :, -width:].any((1, 2))
 
 
-def test_window_attention_never_sees_both_bars_but_msa_does():
-    """The claim of the module docstring, on the demo's geometry: stem + window attention is blind to one bar."""
-    width = LongRangeMatch("train", 1).bar_width
-    window_model = timm.create_model("atlas_tiny_patch16", multiscale=False, depths=(2,), **ATLAS).eval()
-    layout = window_model.config.layout
-    (scale,) = layout.scales
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_window_attention_never_sees_both_bars_but_msa_does(geometry):
+    """The claim of the module docstring: stem + window attention is blind to one bar, MSA's coarse tokens are not."""
+    model_kwargs, task, window_depths, msa_depths = GEOMETRIES[geometry]
+    width, size = LongRangeMatch("train", 1, **task).bar_width, model_kwargs["img_size"]
+    window_model = timm.create_model("atlas_tiny_patch16", multiscale=False, depths=window_depths, **model_kwargs)
+    (scale,) = window_model.eval().config.layout.scales
 
     def windows(images):  # the tokens of every window after all window-attention blocks, before the readout
-        return map_to_windows(window_model.forward_stages(images)[1][-1][0], scale.window)  # (B, 16, 16, C)
+        return map_to_windows(window_model.forward_stages(images)[1][-1][0], scale.window)  # (B, nW, 16, C)
 
-    seen = pixels_seen(windows, scale.num_windows)
-    assert seen.sum((1, 2)).min() > 32 * 32  # each window sees well beyond its own 16x16 pixels, through the stem
+    seen = pixels_seen(windows, scale.num_windows, size)
+    window_pixels = (4 * scale.window[0]) ** 2
+    assert seen.sum((1, 2)).min() > 2 * window_pixels  # each window sees beyond its own pixels, through the stem
     assert not sees_both_bars(seen, width).any()
 
-    msa_model = timm.create_model("atlas_tiny_patch16", depths=(1, 1), **ATLAS).eval()
+    msa_model = timm.create_model("atlas_tiny_patch16", depths=msa_depths, **model_kwargs).eval()
+    coarse = msa_model.config.layout.scales[-1]
     assert msa_model.config.layout.num_scales == 2
-    seen = pixels_seen(msa_model.forward_features, 16)  # the 4x4 coarse tokens the classifier averages
+    seen = pixels_seen(msa_model.forward_features, coarse.num_tokens, size)  # the coarse tokens the readout averages
     assert sees_both_bars(seen, width).all()
 
 

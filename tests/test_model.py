@@ -57,11 +57,51 @@ def test_grad_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(a, p.grad)
 
 
-def test_stem_runs_channels_last_and_hands_the_stages_a_contiguous_map():
-    model = Atlas(img_size=64, **TINY).eval()
+def test_a_channels_last_stem_hands_the_stages_a_contiguous_map():
+    model = Atlas(img_size=64, memory_format="channels_last", **TINY).eval()
     stem_bchw, stages = model.forward_stages(torch.randn(1, 3, 64, 48))
     assert stem_bchw.is_contiguous(memory_format=torch.channels_last)
     assert stem_bchw.permute(0, 2, 3, 1).is_contiguous()  # the (B, h, w, C) token map is a free view
+
+
+def test_both_memory_formats_compute_the_same_outputs_and_gradients():
+    torch.manual_seed(0)
+    model = Atlas(img_size=64, **TINY)
+    x = torch.randn(2, 3, 64, 40)
+    results = {}
+    for memory_format in ("channels_last", "contiguous"):
+        assert model.set_memory_format(memory_format) is model and model.config.memory_format == memory_format
+        model.zero_grad()
+        stem_bchw, _ = model.forward_stages(x)
+        assert stem_bchw.is_contiguous(memory_format=atlas.stem.MEMORY_FORMATS[memory_format])
+        model(x).square().sum().backward()
+        results[memory_format] = [model(x).detach()] + [p.grad.clone() for p in model.parameters()]
+    for a, b in zip(results["channels_last"], results["contiguous"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_memory_format_is_channels_last_on_cuda_and_avx512_cpus_only(monkeypatch):
+    from atlas.stem import preferred_memory_format
+
+    assert Atlas(img_size=64, **TINY).stem.memory_format == "auto"
+    assert preferred_memory_format(torch.device("cuda")) == "channels_last"
+    for capability, expected in [("AVX512", "channels_last"), ("AVX2", "contiguous"), ("DEFAULT", "contiguous")]:
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert preferred_memory_format(torch.device("cpu")) == expected
+        assert Atlas(img_size=64, **TINY).stem.resolved_memory_format(torch.device("cpu")) == expected
+        assert (
+            Atlas(img_size=64, memory_format="contiguous", **TINY).stem.resolved_memory_format(torch.device("cpu"))
+            == "contiguous"
+        )
+
+
+def test_an_unknown_memory_format_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"memory_format must be 'auto' or one of \['channels_last', 'contiguous'\]"):
+        Atlas(img_size=64, memory_format="nhwc", **TINY)
+    with pytest.raises(ValueError, match="got 'nchw'"):
+        Atlas(img_size=64, **TINY).set_memory_format("nchw")
+    with pytest.raises(ValueError, match="stem_depth must be >= 0"):
+        Atlas(img_size=64, stem_depth=-1, **TINY)
 
 
 def test_fused_batchnorm_gives_the_same_outputs_and_no_batchnorm_is_left():

@@ -8,7 +8,7 @@ EXTRAS := notebooks,train,dev
 # `make test-portable` runs the notebooks under another CPU kernel family than this machine's: AVX2 on a CPU with
 # AVX-512 (what an AMD EPYC user gets), the generic kernels on one without. CI runs `make test` only.
 AVX512 := $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo yes)
-PORTABLE_ENV := $(if $(AVX512),ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2,ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41)
+PORTABLE_ENV := $(if $(AVX512),ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2,ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41)
 NBVAL := -m pytest --nbval notebooks --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg -p no:cacheprovider
 
 .PHONY: demo test test-portable lint lab tour benchmark clean

@@ -117,9 +117,14 @@ def read_records(run_dir: Path, kind: str) -> list[dict]:
     return [r for r in records if r["kind"] == kind]
 
 
+def run_settings(run_dir: Path, seed: int, overrides: list[str]) -> list[str]:
+    """The ``--set`` overrides of one run: its output folder, its seed, then ``overrides``."""
+    return [f"output_dir={run_dir}", f"seed={seed}", *overrides]
+
+
 def run_config(config: Path, run_dir: Path, seed: int, overrides: list[str]) -> Config:
-    """The config of one run: ``config`` with its output folder, seed and ``overrides``."""
-    return load_config(config, [f"output_dir={run_dir}", f"seed={seed}", *overrides])
+    """The config of one run: ``config`` with :func:`run_settings`."""
+    return load_config(config, run_settings(run_dir, seed, overrides))
 
 
 def train_run(config: Path, run_dir: Path, seed: int, overrides: list[str], threads: int, quiet: bool) -> Result:
@@ -129,14 +134,13 @@ def train_run(config: Path, run_dir: Path, seed: int, overrides: list[str], thre
     """
     torch.set_num_threads(threads)
     shutil.rmtree(run_dir, ignore_errors=True)
-    settings = [f"output_dir={run_dir}", f"seed={seed}", *overrides]
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         if quiet:
             log = stack.enter_context(open(run_dir.with_suffix(".log"), "w"))
             stack.enter_context(contextlib.redirect_stdout(log))
             stack.enter_context(contextlib.redirect_stderr(log))
-        train.main(["--config", str(config), "--set", *settings])
+        train.main(["--config", str(config), "--set", *run_settings(run_dir, seed, overrides)])
     cfg = run_config(config, run_dir, seed, overrides)
     epochs = read_records(run_dir, "epoch")
     result = Result(

@@ -321,10 +321,10 @@ def main(argv: list[str] | None = None) -> list[Result]:
                 f"last-epoch loss {result.loss:.3f}, {result.train_s:.0f} s",
                 flush=True,
             )
-    config, run_dir, seed = next(((c, d, s) for c, d, s in runs if c.stem == "msa"), (None, None, None))
-    if config is not None:  # the first seed's MSA model
-        msa = next(r for r in results if r.variant == "msa")
-        save_model(run_dir, run_config(config, run_dir, seed, overrides), msa.top1, args.out / "atlas_msa.pt")
+    for (config, run_dir, seed), result in zip(runs, results, strict=True):
+        if result.variant == "msa":  # the first seed's MSA model
+            save_model(run_dir, run_config(config, run_dir, seed, overrides), result.top1, args.out / "atlas_msa.pt")
+            break
     if args.save_asset:
         print(f"\nthe attention-map notebook's model: {ASSET_CONFIG}", flush=True)
         run_dir, seed = args.out / "runs" / ASSET_CONFIG.stem, load_config(ASSET_CONFIG).seed

@@ -68,3 +68,19 @@ class WindowAttention(nn.Module):
             weights = rearrange(weights, "(b n) h q k -> b n h q k", b=batch)
             self.records.append(AttentionRecord(kind, query_scale, weights.detach(), keys))
         return rearrange(out, "(b n) h t d -> b n t (h d)", b=batch)
+
+    def flex(self, q_windows: torch.Tensor, kv_tokens: torch.Tensor, block_mask) -> torch.Tensor:
+        """FlexAttention: ``(B, nW, Tq, C)`` queries read ``(B, S, 2C)`` keys/values as ``block_mask`` allows.
+
+        The keys are not cut per window: ``block_mask`` (from ``atlas.msa.top_down_block_mask``) decides which
+        of the ``S`` keys each query reads, and the kernel skips the blocks nobody reads. Returns
+        ``(B, nW, Tq, C)``, before ``proj``. FlexAttention trains on CUDA (compile the model for its fused
+        kernel); on CPU it runs forward only.
+        """
+        from torch.nn.attention.flex_attention import flex_attention
+
+        windows = q_windows.shape[1]
+        q = rearrange(q_windows, "b n t (h d) -> b h (n t) d", h=self.num_heads)
+        k, v = rearrange(kv_tokens, "b s (two h d) -> two b h s d", two=2, h=self.num_heads)
+        out = flex_attention(q, k, v, block_mask=block_mask)
+        return rearrange(out, "b h (n t) d -> b n t (h d)", n=windows)

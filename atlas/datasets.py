@@ -11,6 +11,7 @@ import inspect
 import logging
 import math
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -65,11 +66,17 @@ def collate_skip_unreadable(batch: list) -> tuple[torch.Tensor, torch.Tensor, in
 # -- image folders ---------------------------------------------------------------------------------------
 
 
-def load_rgb(path: str) -> Image.Image | None:
-    """The image at ``path`` as RGB, or ``None`` (with a warning) if it cannot be decoded."""
+def load_image(path: str, channels: int = 3) -> Image.Image | None:
+    """The image at ``path`` as 8-bit RGB (``channels=3``) or grey (``channels=1``), or ``None`` (with a
+    warning) if it cannot be decoded. 16-bit images (PNG, TIFF: common in medical imaging) are scaled from
+    their full range, 0..65535, to 0..255, rather than clipped to white."""
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            img.load()
+            if img.mode.startswith("I"):  # "I;16", "I;16B", "I": integer pixels, 16 bits in practice
+                pixels = np.asarray(img, dtype=np.float64) / 257.0
+                img = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="L")
+            return img.convert("RGB" if channels == 3 else "L")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         log.warning("skipping unreadable image %s: %s", path, e)
         return None
@@ -78,8 +85,8 @@ def load_rgb(path: str) -> Image.Image | None:
 class ImageFolderSkipUnreadable(ImageFolder):
     """torchvision's ``ImageFolder`` (``root/<class>/<image>``); unreadable images come back as ``None``."""
 
-    def __init__(self, root: str | Path, transform: Callable | None = None):
-        super().__init__(str(root), transform=transform, loader=load_rgb)
+    def __init__(self, root: str | Path, transform: Callable | None = None, channels: int = 3):
+        super().__init__(str(root), transform=transform, loader=partial(load_image, channels=channels))
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
@@ -90,15 +97,20 @@ class ImageFolderSkipUnreadable(ImageFolder):
 
 
 @register_dataset("imagefolder")
-def build_imagefolder(split: str, transform: Callable | None, root: str, num_classes: int) -> Dataset:
-    """``root/train/<class>/*`` and ``root/val/<class>/*`` (the layout scripts/prepare_hr_in100.py writes)."""
+def build_imagefolder(
+    split: str, transform: Callable | None, root: str, num_classes: int, channels: int = 3
+) -> Dataset:
+    """``root/train/<class>/*`` and ``root/val/<class>/*`` (the layout scripts/prepare_hr_in100.py writes),
+    decoded to ``channels`` (3: RGB, 1: grey)."""
+    if channels not in (1, 3):
+        raise ValueError(f"imagefolder decodes to 1 (grey) or 3 (RGB) channels, got channels={channels}")
     layout = "ROOT/train/<class>/<image> and ROOT/val/<class>/<image>"
     folder = Path(root) / split
     if not Path(root).is_dir():
         raise FileNotFoundError(f"data root {root} does not exist; expected the layout {layout}")
     if not folder.is_dir():
         raise FileNotFoundError(f"data folder {folder} does not exist; expected the layout {layout}")
-    dataset = ImageFolderSkipUnreadable(folder, transform)
+    dataset = ImageFolderSkipUnreadable(folder, transform, channels)
     if len(dataset.classes) != num_classes:
         raise ValueError(f"{folder} has {len(dataset.classes)} class folders but data.num_classes is {num_classes}")
     return dataset

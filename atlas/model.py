@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 from dataclasses import dataclass, field
 
@@ -17,7 +18,7 @@ from timm.models import build_model_with_cfg, register_model
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .msa import BlockGeometry, MSABlock
+from .msa import ATTENTION_KERNELS, BlockGeometry, MSABlock
 from .scales import ROUTINGS, MultiScaleLayout, build_pyramid, image_to_map, map_to_tokens
 from .stem import ConvStem, check_memory_format
 
@@ -51,6 +52,7 @@ class AtlasConfig:
     bottom_up: bool = True
     routing: str = "containing"
     memory_format: str = "auto"  # the stem's: "auto", "channels_last" or "contiguous" (see atlas/stem.py)
+    attention: str = "sdpa"  # top-down kernel: "sdpa" (windows, any device) or "flex" (FlexAttention, CUDA training)
 
     def __post_init__(self):
         if isinstance(self.img_size, int):
@@ -69,6 +71,10 @@ class AtlasConfig:
             )
         if self.routing not in ROUTINGS:
             problems.append(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
+        if self.attention not in ATTENTION_KERNELS:
+            problems.append(f"attention must be one of {ATTENTION_KERNELS}, got {self.attention!r}")
+        elif self.attention == "flex" and importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+            problems.append(f"attention='flex' needs FlexAttention (torch >= 2.5); this is torch {torch.__version__}")
         try:
             check_memory_format(self.memory_format)
         except ValueError as error:
@@ -154,6 +160,8 @@ class Atlas(nn.Module):
     The model accepts any input size with as many scales as it was built for (``img_size`` decides that).
     """
 
+    GEOMETRY_CACHE_SIZE = 8  # input sizes whose geometry (window indices, masks) is kept per device
+
     def __init__(self, config: AtlasConfig | None = None, **kwargs):
         super().__init__()
         if config is None:
@@ -175,6 +183,7 @@ class Atlas(nn.Module):
         self.fc_norm = nn.LayerNorm(config.embed_dim)
         self.head_drop = nn.Dropout(config.drop_rate)
         self.head = nn.Linear(config.embed_dim, config.num_classes) if config.num_classes else nn.Identity()
+        self._geometry: dict[tuple, list[BlockGeometry]] = {}
 
     # -- the forward pass, top to bottom ------------------------------------------------------------
     def check_input(self, x: torch.Tensor) -> MultiScaleLayout:
@@ -201,14 +210,29 @@ class Atlas(nn.Module):
             )
         return layout
 
+    def geometry(self, layout: MultiScaleLayout, device: torch.device) -> list[BlockGeometry]:
+        """Each stage's :class:`BlockGeometry`, built on ``device`` once per input layout and kept."""
+        cfg = self.config
+        key = (layout.token_size, str(device), cfg.routing, cfg.top_down, cfg.attention)
+        if key not in self._geometry:
+            if len(self._geometry) >= self.GEOMETRY_CACHE_SIZE:
+                self._geometry.pop(next(iter(self._geometry)))  # the oldest input size
+            self._geometry[key] = [
+                BlockGeometry.build(layout, first, cfg.routing, cfg.top_down, device, cfg.attention)
+                for first in range(len(self.stages))
+            ]
+        return self._geometry[key]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_geometry": {}}  # caches stay behind (FlexAttention masks hold closures)
+
     def forward_stages(self, x: torch.Tensor) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
         """Images -> (stem output ``(B, C, h, w)``, per stage the list of its ``(B, h_l, w_l, C)`` maps)."""
         layout = self.check_input(x)
         stem_bchw = self.stem(x)
         maps = build_pyramid(image_to_map(stem_bchw), layout)
         outputs = []
-        for first, stage in enumerate(self.stages):
-            geo = BlockGeometry.build(layout, first, self.config.routing, self.config.top_down, x.device)
+        for stage, geo in zip(self.stages, self.geometry(layout, x.device), strict=True):
             maps = stage(maps, geo)
             outputs.append(maps)
             maps = maps[1:]  # progressive scale dropping
@@ -248,9 +272,12 @@ class Atlas(nn.Module):
         self.config.memory_format = self.stem.memory_format = check_memory_format(memory_format)
         return self
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
+    def set_grad_checkpointing(self, enable: bool = True, stem: bool = True) -> None:
+        """Recompute activations in the backward pass instead of keeping them: every MSA block and, with
+        ``stem``, every stem unit (at 1024px and above the stem holds most of the saved activations)."""
         for stage in self.stages:
             stage.grad_checkpointing = enable
+        self.stem.grad_checkpointing = enable and stem
 
     def group_matcher(self, coarse: bool = False) -> dict:
         return {"stem": r"^stem", "blocks": r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.blocks\.(\d+)"}

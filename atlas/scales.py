@@ -15,8 +15,7 @@ inspected for a 4096px image without allocating anything.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +67,7 @@ class MultiScaleLayout:
     window_size: int = 16
     pool_stride: int = 4
     multiscale: bool = True
+    scales: tuple[Scale, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         h, w = self.token_size
@@ -77,9 +77,10 @@ class MultiScaleLayout:
             raise ValueError(
                 f"window_size must be >= 1 and pool_stride >= 2, got {self.window_size} and {self.pool_stride}"
             )
+        # Computed here rather than in a cached_property, whose lock torch.compile cannot trace (Python 3.11).
+        object.__setattr__(self, "scales", self._build_scales())
 
-    @cached_property
-    def scales(self) -> tuple[Scale, ...]:
+    def _build_scales(self) -> tuple[Scale, ...]:
         k, s = self.window_size, self.pool_stride
         scales, (h, w) = [], self.token_size
         while True:
@@ -93,19 +94,19 @@ class MultiScaleLayout:
     def num_scales(self) -> int:
         return len(self.scales)
 
-    def containing_windows(self, fine: int, coarse: int, routing: str = "containing") -> torch.Tensor:
+    def containing_windows(self, fine: int, coarse: int, routing: str = "containing", device=None) -> torch.Tensor:
         """For each window of scale ``fine``, the index of the window of scale ``coarse`` it reads in top-down.
 
         ``routing="containing"`` gives the window whose region covers it (the paper). ``"released"`` gives the
         pairing of the released implementation, ``i // (nW_fine / nW_coarse)`` in row-major window order,
         which is the containing window only when the coarse scale has a single window.
-        Returns a ``(nW_fine,)`` long tensor.
+        Returns a ``(nW_fine,)`` long tensor, built on ``device`` (no host-to-device copy).
         """
         f, c = self.scales[fine], self.scales[coarse]
         if routing == "containing":
             ratio = self.pool_stride ** (coarse - fine)
-            rows = torch.arange(f.grid[0]) // ratio
-            cols = torch.arange(f.grid[1]) // ratio
+            rows = torch.arange(f.grid[0], device=device) // ratio
+            cols = torch.arange(f.grid[1], device=device) // ratio
             return (rows[:, None] * c.grid[1] + cols[None, :]).flatten()
         if routing == "released":
             if f.num_windows % c.num_windows:
@@ -113,7 +114,7 @@ class MultiScaleLayout:
                     f"routing='released' needs the window count of scale {fine} ({f.num_windows}) to be a "
                     f"multiple of that of scale {coarse} ({c.num_windows}); use routing='containing'"
                 )
-            return torch.arange(f.num_windows) // (f.num_windows // c.num_windows)
+            return torch.arange(f.num_windows, device=device) // (f.num_windows // c.num_windows)
         raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
 
     def describe(self) -> str:

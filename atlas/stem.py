@@ -19,10 +19,14 @@ rounding). ``fuse_batchnorm()`` folds each batch norm into the convolution befor
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
+from functools import partial
+
 import torch
 from timm.layers import LayerNorm2d
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.utils.checkpoint import checkpoint
 
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
@@ -36,8 +40,14 @@ def preferred_memory_format(device: torch.device) -> str:
     if device.type == "cuda":
         return "channels_last"
     if device.type == "cpu":
-        return "channels_last" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "contiguous"
+        return "channels_last" if cpu_capability() == "AVX512" else "contiguous"
     return "contiguous"
+
+
+@torch.compiler.assume_constant_result
+def cpu_capability() -> str:
+    """The instruction set PyTorch's CPU kernels run with, fixed for the process (a constant to torch.compile)."""
+    return torch.backends.cpu.get_cpu_capability()
 
 
 def check_memory_format(memory_format: str) -> str:
@@ -83,6 +93,33 @@ class Downsample(nn.Module):
         return self.conv(self.norm(x).contiguous(memory_format=memory_format))
 
 
+def checkpoint_unit(unit, x: torch.Tensor) -> torch.Tensor:
+    """``unit(x)``, keeping only ``x`` for the backward pass, which runs ``unit`` again.
+
+    The recomputation normalises with the same batch statistics but leaves the batch norms' running
+    statistics as the first pass left them, so that they move once per step, as without checkpointing.
+    """
+    module = unit.func if isinstance(unit, partial) else unit
+    if torch.compiler.is_compiling():  # the compiled graph applies the buffer updates of the first pass only
+        return checkpoint(unit, x, use_reentrant=False)
+    contexts = lambda: (nullcontext(), frozen_running_stats(module))  # noqa: E731  (first pass, recomputation)
+    return checkpoint(unit, x, use_reentrant=False, context_fn=contexts)
+
+
+@contextmanager
+def frozen_running_stats(module: nn.Module):
+    """The batch norms inside ``module`` normalise as usual; their running statistics are put back afterwards."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [[b.clone() for b in m.buffers()] for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, buffers in zip(norms, saved, strict=True):
+                for b, kept in zip(m.buffers(), buffers, strict=True):
+                    b.copy_(kept)
+
+
 class ConvStem(nn.Module):
     """``embed`` (x4 down), residual blocks, ``down1`` (x2), residual blocks, ``down2`` (x2): 16x in all.
 
@@ -117,6 +154,7 @@ class ConvStem(nn.Module):
         self.down1 = Downsample(width, 2 * width, s2)
         self.stage2 = nn.Sequential(*(ResidualConvBlock(2 * width) for _ in range(blocks_per_stage)))
         self.down2 = Downsample(2 * width, 4 * width, s3)
+        self.grad_checkpointing = False
 
     def resolved_memory_format(self, device: torch.device) -> str:
         """``memory_format``, with "auto" replaced by the preferred format of ``device``."""
@@ -125,8 +163,13 @@ class ConvStem(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, in_chans, H, W)`` -> ``(B, 4F, ceil(H/p), ceil(W/p))``, in :meth:`resolved_memory_format`."""
         memory_format = MEMORY_FORMATS[self.resolved_memory_format(x.device)]
-        x = self.stage1(self.embed(x.contiguous(memory_format=memory_format)))
-        return self.down2(self.stage2(self.down1(x, memory_format)), memory_format)
+        x = x.contiguous(memory_format=memory_format)
+        down1, down2 = (partial(down, memory_format=memory_format) for down in (self.down1, self.down2))
+        if not (self.grad_checkpointing and torch.is_grad_enabled()):
+            return down2(self.stage2(down1(self.stage1(self.embed(x)))))
+        for unit in (self.embed, *self.stage1, down1, *self.stage2, down2):  # each residual block on its own
+            x = checkpoint_unit(unit, x)
+        return x
 
     @torch.no_grad()
     def fuse_batchnorm(self) -> ConvStem:

@@ -44,6 +44,7 @@ from trainlib import checkpoint as ckpt
 from trainlib.config import Config, ConfigError, all_keys, load_config, to_dict
 from trainlib.data import ResumableSampler, SeededSamples
 from trainlib.logger import MetricsLogger
+from trainlib.pipeline import DevicePrefetcher, DeviceStage, SourceCenterCrop, SourceCrop, collate_crops, erasing_seed
 
 import atlas  # noqa: F401  (registers the Atlas models with timm)
 from atlas.datasets import build_dataset, collate_skip_unreadable
@@ -87,10 +88,27 @@ def posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
 
 
 def build_transforms(cfg: Config):
-    """timm's training transform (RandAugment, random erasing) and the evaluation resize + center crop."""
+    """The workers' transforms (train, val): timm's at the input size (`exact`), or uint8 source crops (`fast`)."""
     for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
         auto_augment.NAME_TO_OP[name] = posterize
     a = cfg.aug
+    in_chans = cfg.model.kwargs.get("in_chans", 3)
+    if len(a.mean) != in_chans or len(a.std) != in_chans:
+        raise TrainingError(
+            f"aug.mean and aug.std need one value per input channel ({in_chans}), got {list(a.mean)} and "
+            f"{list(a.std)}" + (", e.g. aug.mean=[0.5] aug.std=[0.5]" if in_chans == 1 else "")
+        )
+    if cfg.data.pipeline == "fast":
+        if a.color_jitter or a.eval_crop_mode != "squash":
+            raise TrainingError(
+                "data.pipeline=fast supports aug.color_jitter: null and aug.eval_crop_mode: squash only; "
+                f"got {a.color_jitter} and {a.eval_crop_mode!r} (use data.pipeline=exact)"
+            )
+        try:
+            train = SourceCrop(a.scale, a.ratio, a.hflip, a.auto_augment, a.interpolation, a.mean)
+            return train, SourceCenterCrop(a.eval_crop_pct)
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
     norm = dict(mean=tuple(a.mean), std=tuple(a.std), interpolation=a.interpolation)
     train = create_transform(
         cfg.model.img_size,
@@ -116,6 +134,8 @@ def load_dataset(cfg: Config, split: str, transform):
     options = dict(num_classes=cfg.data.num_classes, **cfg.data.kwargs)
     if cfg.data.root is not None:
         options["root"] = cfg.data.root
+    if cfg.data.name == "imagefolder":  # decode to as many channels as the model takes
+        options.setdefault("channels", cfg.model.kwargs.get("in_chans", 3))
     try:
         return build_dataset(cfg.data.name, split, transform, **options)
     except (FileNotFoundError, ValueError) as e:
@@ -190,12 +210,20 @@ def gather_objects(obj, world: int) -> list:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, autocast, channels_last: bool) -> dict:
+def device_batches(loader: DataLoader, device: torch.device, stage: DeviceStage | None, first_seed: int = 0):
+    """(images, labels, skipped) on ``device``: moved there (`exact`), or resized there by ``stage`` (`fast`)."""
+    if stage is not None:
+        yield from DevicePrefetcher(loader, stage, first_seed)
+        return
+    for images, labels, skipped in loader:
+        yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True), skipped
+
+
+def evaluate(model: nn.Module, batches, device: torch.device, autocast, channels_last: bool) -> dict:
     """Top-1, top-5 (%) and cross-entropy over this rank's shard, summed over all ranks."""
     model.eval()
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, images, skipped
-    for images, labels, skipped in loader:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    for images, labels, skipped in batches:
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast():
@@ -243,6 +271,7 @@ def main(argv: list[str] | None = None) -> None:
         raise TrainingError("logging.wandb is true but wandb is not installed: pip install wandb")
 
     # Data first, so that a wrong path or layout fails before any work starts.
+    fast = cfg.data.pipeline == "fast"
     train_tf, val_tf = build_transforms(cfg)
     train_set, val_set = load_dataset(cfg, "train", train_tf), load_dataset(cfg, "val", val_tf)
     train_sampler = ResumableSampler(len(train_set), rank, world, cfg.seed)
@@ -344,13 +373,18 @@ def main(argv: list[str] | None = None) -> None:
     loader_args = dict(
         num_workers=workers,
         pin_memory=cuda,
-        collate_fn=collate_skip_unreadable,
+        collate_fn=collate_crops if fast else collate_skip_unreadable,
         persistent_workers=workers > 0 and not resamples,  # persistent workers would keep epoch 0's copy
         generator=torch.Generator().manual_seed(cfg.seed),
     )
     train_loader = DataLoader(SeededSamples(train_set), bs, sampler=train_sampler, drop_last=True, **loader_args)
     val_shard = Subset(val_set, range(rank, len(val_set), world))
     val_loader = DataLoader(val_shard, cfg.eval.batch_size or bs, **loader_args)
+    train_stage = val_stage = None
+    if fast:  # the trainer's half of the fast pipeline: resize, normalise (and erase) on this device
+        norm = dict(img_size=cfg.model.img_size, mean=a.mean, std=a.std, device=device)
+        train_stage = DeviceStage(**norm, re_prob=a.re_prob, re_mode=a.re_mode, re_count=a.re_count)
+        val_stage = DeviceStage(**norm)
 
     n_params = sum(p.numel() for p in raw_model.parameters())
     logger = None
@@ -430,7 +464,7 @@ def main(argv: list[str] | None = None) -> None:
         train_sampler.set_epoch(epoch, skip=first_step * accum * bs)
         if resamples:
             train_set.set_epoch(epoch)
-        batches = iter(train_loader)
+        batches = device_batches(train_loader, device, train_stage, erasing_seed(cfg.seed, epoch, first_step * accum))
         model.train()
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
@@ -449,7 +483,6 @@ def main(argv: list[str] | None = None) -> None:
             for micro in range(accum):
                 images, labels, n_skipped = next(batches)
                 skipped += n_skipped
-                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 if cfg.train.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 if mixup:
@@ -536,7 +569,9 @@ def main(argv: list[str] | None = None) -> None:
             log(f"warning: skipped {int(counts[1])} unreadable training images in epoch {epoch + 1}")
         last_epoch = epoch + 1 == epochs
         if (epoch + 1) % cfg.eval.every == 0 or last_epoch or stop:
-            metrics = evaluate(raw_model, val_loader, device, autocast, cfg.train.channels_last)
+            metrics = evaluate(
+                raw_model, device_batches(val_loader, device, val_stage), device, autocast, cfg.train.channels_last
+            )
             record.update(
                 val_top1=metrics["top1"],
                 val_top5=metrics["top5"],
@@ -545,7 +580,9 @@ def main(argv: list[str] | None = None) -> None:
             )
             score = metrics["top1"]
             if ema is not None:
-                ema_metrics = evaluate(ema.module, val_loader, device, autocast, cfg.train.channels_last)
+                ema_metrics = evaluate(
+                    ema.module, device_batches(val_loader, device, val_stage), device, autocast, cfg.train.channels_last
+                )
                 record.update(ema_top1=ema_metrics["top1"], ema_top5=ema_metrics["top5"])
                 score = ema_metrics["top1"]  # with EMA, model selection uses the EMA weights
             if score > best_top1:

@@ -6,6 +6,7 @@ positions. Padding never appears in it, so agreement also shows that padded toke
 """
 
 import math
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -144,8 +145,10 @@ def case_layout(case):
 PARAMS = [(case, first) for case in CASES for first in range(min(2, case_layout(case).num_scales))]
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
 @pytest.mark.parametrize(("case", "first"), PARAMS)
-def test_block_equals_dense_oracle(case, first):
+def test_block_equals_dense_oracle(case, first, attention):
+    """Both top-down kernels; FlexAttention runs forward only on CPU (its backward needs CUDA)."""
     tokens, switches = CASES[case]
     routing = switches.get("routing", "containing")
     layout = case_layout(case)
@@ -157,8 +160,9 @@ def test_block_equals_dense_oracle(case, first):
         torch.nn.init.normal_(p, std=0.3)
     x_map = torch.randn(2, *tokens, DIM, dtype=torch.float64)
     maps = build_pyramid(x_map, layout)[first:]
-    geo = BlockGeometry.build(layout, first, routing, block.top_down)
-    got = block(list(maps), geo)
+    geo = BlockGeometry.build(layout, first, routing, block.top_down, attention=attention)
+    with torch.no_grad() if attention == "flex" else nullcontext():
+        got = block(list(maps), geo)
     want = dense_block(block, maps, layout, first, routing)
     assert len(got) == n
     for g, w in zip(got, want, strict=True):

@@ -31,6 +31,7 @@ class DataConfig:
     root: str | None = None  # folder with train/<class>/ and val/<class>/ (imagefolder)
     num_classes: int = 100
     workers: int = 8  # data loader processes per GPU
+    pipeline: str = "exact"  # exact: timm's transforms (the released recipe); fast: uint8 crops, resized on device
     kwargs: dict = field(default_factory=dict)  # dataset-specific options, e.g. synthetic sizes
 
 
@@ -41,7 +42,7 @@ class AugConfig:
     scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333333333333333])
     hflip: float = 0.5
-    interpolation: str = "bilinear"
+    interpolation: str = "bicubic"  # crop resize, RandAugment's geometric ops and eval resize (the released recipe)
     re_prob: float = 0.25  # random erasing
     re_mode: str = "pixel"
     re_count: int = 1
@@ -279,6 +280,7 @@ def check(cfg: Config) -> None:
         "train.amp": (cfg.train.amp, ("bf16", "fp16", "none")),
         "train.device": (cfg.train.device, ("auto", "cuda", "cpu")),
         "aug.mixup_mode": (cfg.aug.mixup_mode, ("batch", "pair", "elem")),
+        "data.pipeline": (cfg.data.pipeline, ("exact", "fast")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

@@ -128,8 +128,11 @@ class AtlasConfig:
 class AtlasStage(nn.Module):
     """``depth`` MSA blocks over the scales ``first .. L-1``."""
 
-    def __init__(self, config: AtlasConfig, num_scales: int, drop_path_rates: list[float]):
+    def __init__(self, config: AtlasConfig, num_scales: int, drop_path_rates: list[float], last: bool):
         super().__init__()
+        # The finest scale is dropped after this stage (unless it is the last): without bottom-up, the last
+        # block's update of it would be read by nothing.
+        dropped = not last and not config.bottom_up
         self.blocks = nn.ModuleList(
             MSABlock(
                 config.embed_dim,
@@ -139,8 +142,9 @@ class AtlasStage(nn.Module):
                 rate,
                 config.top_down,
                 config.bottom_up,
+                update_finest=not (dropped and j == len(drop_path_rates) - 1),
             )
-            for rate in drop_path_rates
+            for j, rate in enumerate(drop_path_rates)
         )
         self.grad_checkpointing = False
 
@@ -176,7 +180,12 @@ class Atlas(nn.Module):
         )
         num_scales = len(config.depths)
         self.stages = nn.ModuleList(
-            AtlasStage(config, num_scales - i, [config.drop_path_rate * j / max(d - 1, 1) for j in range(d)])
+            AtlasStage(
+                config,
+                num_scales - i,
+                [config.drop_path_rate * j / max(d - 1, 1) for j in range(d)],
+                last=i == num_scales - 1,
+            )
             for i, d in enumerate(config.depths)
         )
         self.readout_norm = nn.LayerNorm(config.embed_dim)

@@ -194,11 +194,16 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
 
 
 class ScaleLayer(nn.Module):
-    """The weights one scale owns inside a block: position, norms, attention projections and MLP."""
+    """The weights one scale owns inside a block: position, norms, attention projections and MLP.
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float):
+    ``position_only`` keeps the position MLP alone, for a scale whose update nothing reads (see ``MSABlock``).
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float, position_only: bool = False):
         super().__init__()
         self.pos = PositionMLP(dim)
+        if position_only:
+            return
         self.norm_q = nn.LayerNorm(dim)
         self.norm_kv = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, num_heads)
@@ -240,7 +245,12 @@ class _Projections:
 
 
 class MSABlock(nn.Module):
-    """One Multi-Scale Attention block over ``num_scales`` active scales (local index 0 = finest)."""
+    """One Multi-Scale Attention block over ``num_scales`` active scales (local index 0 = finest).
+
+    ``update_finest=False`` leaves the finest scale as it is after its position embedding: for the last block
+    of a stage whose finest scale is dropped next, without bottom-up, nothing reads that update, so its weights
+    are neither built nor run (distributed training would otherwise wait for their gradients).
+    """
 
     def __init__(
         self,
@@ -251,10 +261,14 @@ class MSABlock(nn.Module):
         drop_path: float = 0.0,
         top_down: bool = True,
         bottom_up: bool = True,
+        update_finest: bool = True,
     ):
         super().__init__()
-        self.top_down, self.bottom_up = top_down, bottom_up
-        self.scales = nn.ModuleList(ScaleLayer(dim, num_heads, mlp_ratio, drop_path) for _ in range(num_scales))
+        self.top_down, self.bottom_up, self.update_finest = top_down, bottom_up, update_finest
+        self.scales = nn.ModuleList(
+            ScaleLayer(dim, num_heads, mlp_ratio, drop_path, position_only=l == 0 and not update_finest)
+            for l in range(num_scales)
+        )
 
     def forward(self, maps: list[torch.Tensor], geo: BlockGeometry) -> list[torch.Tensor]:
         """``maps``: one ``(B, h_l, w_l, C)`` map per active scale, finest first; returns the updated maps."""
@@ -264,7 +278,7 @@ class MSABlock(nn.Module):
         for l in range(len(maps) - 1):
             maps[l + 1] = maps[l + 1] + pool_map(maps[l], geo.pool_stride)
         projected = _Projections(self.scales, maps)
-        for l in reversed(range(len(maps))):
+        for l in reversed(range(0 if self.update_finest else 1, len(maps))):
             self._top_down(l, projected, geo)
         if self.bottom_up:
             for l in range(1, len(maps)):

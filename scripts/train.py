@@ -19,6 +19,8 @@ import math
 import os
 import random
 import resource
+import signal
+import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -52,6 +54,33 @@ from atlas.datasets import build_dataset, collate_skip_unreadable
 
 class TrainingError(RuntimeError):
     """A problem the user can fix (data, model name, diverged run): reported without a traceback."""
+
+
+PREEMPTED = 75  # exit status after saving on SIGTERM/SIGUSR1 (EX_TEMPFAIL): run again with --resume auto
+
+
+def requeue_slurm_job(enabled: bool, log) -> None:
+    """Under SLURM (SLURM_JOB_ID set), put this job back in the queue: it runs again with --resume auto."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not (enabled and job):
+        return
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if result.returncode == 0:
+        log(f"requeued SLURM job {job}")
+    else:
+        log(f"warning: scontrol requeue {job} failed: {(result.stderr or result.stdout).strip()}")
+
+
+class Preemption:
+    """Remembers a SIGTERM or SIGUSR1 (a scheduler about to stop the job) until the next step boundary."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._received)
+
+    def _received(self, signum, frame) -> None:
+        self.signal = signal.Signals(signum).name
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -390,6 +419,8 @@ def main(argv: list[str] | None = None) -> None:
     logger = None
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
+        for path in ckpt.remove_stale_temporaries(out_dir):
+            log(f"removed {path.name}, left by a save that was killed")
         (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         wandb_project = cfg.logging.wandb_project if cfg.logging.wandb else None
         logger = MetricsLogger(out_dir, resume is not None, cfg.logging.tensorboard, wandb_project, to_dict(cfg))
@@ -419,9 +450,13 @@ def main(argv: list[str] | None = None) -> None:
     if resume:
         log(f"resumed from {resume}: epoch {start_epoch + 1}, step {global_step}")
 
-    def save_checkpoint(epoch: int, step_in_epoch: int) -> None:
-        """last.pt, atomically; `epoch`/`step_in_epoch` say where training continues (called on all ranks)."""
+    def save_checkpoint(epoch: int, step_in_epoch: int, progress: dict | None = None) -> None:
+        """last.pt, atomically; `epoch`/`step_in_epoch` say where training continues (called on all ranks);
+        `progress`: the epoch's running sums so far, when saved in the middle of it."""
         rng = gather_objects(ckpt.rng_state(), world)
+        bad = [name for name, p in raw_model.state_dict().items() if p.is_floating_point() and not p.isfinite().all()]
+        if bad:  # never store non-finite weights as the point to resume from
+            raise TrainingError(f"refusing to write {out_dir / 'last.pt'}: non-finite values in {', '.join(bad[:3])}")
         if master:
             ckpt.atomic_save(
                 {
@@ -438,6 +473,7 @@ def main(argv: list[str] | None = None) -> None:
                     "elapsed_s": time.time() - run_clock,
                     "rng": rng,
                     "world_size": world,
+                    "epoch_progress": progress or {},
                     "config": to_dict(cfg),
                 },
                 out_dir / "last.pt",
@@ -456,6 +492,7 @@ def main(argv: list[str] | None = None) -> None:
                 "random streams and the data order differ from an uninterrupted run"
             )
     run_clock = time.time() - elapsed  # training time, accumulated over resumed runs
+    preemption, last_save = Preemption(), time.time()
 
     # The training loop: epochs of `steps_per_epoch` optimizer steps of `grad_accum` micro-batches each.
     for epoch in range(start_epoch, epochs):
@@ -469,7 +506,10 @@ def main(argv: list[str] | None = None) -> None:
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         loss_sum, steps_done, images_seen, skipped = 0.0, 0, 0, 0
-        stop = False
+        # Resumed in the middle of this epoch: its loss so far, so that train_loss averages the whole epoch.
+        prior = state.get("epoch_progress", {}) if state and epoch == start_epoch else {}
+        prior_loss, prior_steps = prior.get("loss_sum", 0.0), prior.get("steps", 0)
+        stop = mid_epoch = False
         bar = tqdm(
             total=steps_per_epoch,
             initial=first_step,
@@ -497,6 +537,8 @@ def main(argv: list[str] | None = None) -> None:
                     if cfg.debug.nan_at_step == global_step + 1:
                         loss = loss * float("nan")
                     (scaler.scale(loss / accum) if scaler else loss / accum).backward()
+                    if cfg.debug.nan_grad_at_step == global_step + 1:
+                        next(p for p in raw_model.parameters() if p.grad is not None).grad.fill_(float("nan"))
                 loss_acc += loss.detach().float() / accum
             step_loss = all_reduce(loss_acc).item() / world  # the mean over ranks; NaN if any rank has NaN
             if not math.isfinite(step_loss):
@@ -510,8 +552,16 @@ def main(argv: list[str] | None = None) -> None:
                 )
             if scaler:
                 scaler.unscale_(optimizer)
-            if cfg.optimizer.clip_grad:
-                nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.optimizer.clip_grad)
+            # The gradient norm (clipping computes it anyway); DDP's gradients, and so it, are equal on all ranks.
+            grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.optimizer.clip_grad or math.inf).item()
+            if not math.isfinite(grad_norm) and not scaler:  # fp16's scaler skips such steps by itself
+                bar.close()
+                raise TrainingError(
+                    f"non-finite gradient norm ({grad_norm}) with a finite loss at optimizer step {global_step + 1} "
+                    f"(epoch {epoch + 1}); stopped before updating the weights. Last good checkpoint: "
+                    f"{out_dir / 'last.pt' if (out_dir / 'last.pt').exists() else 'none written yet'}. "
+                    "Try a lower optimizer.lr, optimizer.clip_grad, or train.amp=none to find the layer."
+                )
             if scaler:
                 scaler.step(optimizer)
                 scaler.update()
@@ -543,8 +593,25 @@ def main(argv: list[str] | None = None) -> None:
             stop = cfg.debug.max_steps is not None and global_step >= cfg.debug.max_steps
             mid_epoch = step_in_epoch + 1 < steps_per_epoch
             every = cfg.checkpoint.every_steps
-            if mid_epoch and (stop or (every and global_step % every == 0)):
-                save_checkpoint(epoch, step_in_epoch + 1)
+            # A signal on any rank, or rank 0's clock: all ranks agree before anyone saves.
+            due = master and (time.time() - last_save) / 60 >= cfg.checkpoint.every_minutes
+            requests = torch.tensor([preemption.signal is not None, due], device=device, dtype=torch.float32)
+            preempted, due = (all_reduce(requests) > 0).tolist()
+            progress = dict(loss_sum=prior_loss + loss_sum, steps=prior_steps + steps_done)
+            if preempted:  # this step's state, even at the epoch's last step: the resumed run ends the epoch
+                save_checkpoint(epoch, step_in_epoch + 1, progress)
+                bar.close()
+                log(
+                    f"{preemption.signal or 'a signal on another rank'}: saved {out_dir / 'last.pt'} after step "
+                    f"{global_step}; --resume auto continues (exit status {PREEMPTED})"
+                )
+                if master:
+                    logger.close()
+                    requeue_slurm_job(cfg.checkpoint.requeue, log)
+                raise SystemExit(PREEMPTED)
+            if mid_epoch and (stop or due or (every and global_step % every == 0)):
+                save_checkpoint(epoch, step_in_epoch + 1, progress)
+                last_save = time.time()
             if stop:
                 break
         bar.close()
@@ -558,7 +625,7 @@ def main(argv: list[str] | None = None) -> None:
         record = dict(
             epoch=epoch + 1,
             step=global_step,
-            train_loss=loss_sum / steps_done,
+            train_loss=(prior_loss + loss_sum) / (prior_steps + steps_done),
             lr=optimizer.param_groups[0]["lr"],
             epoch_time_s=train_time,
             images_per_s=counts[0] / train_time,
@@ -602,6 +669,7 @@ def main(argv: list[str] | None = None) -> None:
         record["elapsed_h"] = (time.time() - run_clock) / 3600
         if (epoch + 1) % cfg.checkpoint.every == 0 or last_epoch or stop:
             save_checkpoint(epoch + 1, 0)
+            last_save = time.time()
         if master:
             logger.log("epoch", **record)
         summary = f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}"

@@ -1,5 +1,6 @@
 """Atlas as a whole: size, timm, receptive field, padding, QKV reuse, errors, conversion."""
 
+import copy
 import re
 
 import pytest
@@ -258,3 +259,28 @@ def test_converter_rejects_unknown_keys_and_loads_files_safely(tmp_path, data_di
     torch.testing.assert_close(model.head.bias, ref["state_dict"]["fc.bias"])
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         atlas.load_released(model, tmp_path / "missing.pth")
+
+
+@pytest.mark.parametrize("top_down", [True, False])
+@pytest.mark.parametrize("img_size", [64, 128], ids=["2 scales", "3 scales"])
+def test_without_bottom_up_no_weight_is_built_that_nothing_reads(img_size, top_down):
+    """The last block of a stage would update its finest scale for nothing: that scale keeps its position MLP
+    only, every parameter left gets a gradient (as DDP requires), and the logits are what the full block gave."""
+    from atlas.msa import ScaleLayer
+
+    kwargs = dict(TINY, window_size=2, pool_stride=2, bottom_up=False, top_down=top_down)
+    model = Atlas(img_size=img_size, depths=None if img_size == 64 else (1, 1, 1), **kwargs)
+    x = torch.randn(2, 3, img_size, img_size)
+    model(x).sum().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    trimmed = [b for stage in model.stages[:-1] for b in stage.blocks[-1:]]
+    assert trimmed and all(not b.update_finest and list(b.scales[0].children()) == [b.scales[0].pos] for b in trimmed)
+    full = copy.deepcopy(model)
+    for stage in full.stages[:-1]:
+        block = stage.blocks[-1]
+        layer = ScaleLayer(model.config.embed_dim, model.config.num_heads, model.config.mlp_ratio, 0.0)
+        layer.pos = block.scales[0].pos
+        block.scales[0], block.update_finest = layer, True
+    model.eval(), full.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), full(x), rtol=0, atol=0)

@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -212,3 +214,93 @@ def test_recipe_transforms_survive_posterize_to_zero_bits():
     op = auto_augment.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)
     assert op(img).getextrema() == ((0, 0), (0, 0), (0, 0))
     assert train_tf(img).shape == val_tf(img).shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("top_down", ["true", "false"])
+def test_ddp_trains_the_table4_variants_without_bottom_up(tmp_path, top_down):
+    """Without bottom-up the last block of stage 1 used to hold weights no output reads: DDP then waited for their
+    gradients and failed on the second iteration ("Expected to have finished reduction")."""
+    out = tmp_path / "run"
+    result = train(
+        "--set",
+        f"output_dir={out}",
+        "model.kwargs.bottom_up=false",
+        f"model.kwargs.top_down={top_down}",
+        "schedule.epochs=1",
+        "schedule.warmup_epochs=0",
+        nproc=2,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (epoch,) = records(out, "epoch")
+    assert epoch["step"] == 2
+
+
+def test_non_finite_gradient_with_finite_loss_stops_before_the_update(tmp_path):
+    """A NaN gradient at step 3 (loss finite): no update, and last.pt stays the finite step-2 state."""
+    out = tmp_path / "run"
+    result = train("--set", f"output_dir={out}", "checkpoint.every_steps=1", "debug.nan_grad_at_step=3")
+    assert result.returncode != 0
+    assert "non-finite gradient norm" in result.stderr and "optimizer step 3" in result.stderr
+    last = load(out / "last.pt")
+    assert last["global_step"] == 2
+    assert all(t.isfinite().all() for t in last["model"].values() if t.is_floating_point())
+
+
+def test_a_killed_save_leaves_no_temporary_file_behind(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".last.pt.tmp-4242").write_bytes(b"half of a checkpoint")
+    result = train("--set", f"output_dir={out}", "schedule.epochs=1", "schedule.warmup_epochs=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not list(out.glob(".*.tmp-*")) and "removed .last.pt.tmp-4242" in result.stdout
+
+
+def test_metrics_csv_keeps_its_header_and_whole_epoch_loss_across_a_mid_epoch_resume(tmp_path):
+    """Killed before the first epoch ended (an empty metrics.csv), resumed in the middle of epoch 1: the csv has
+    its header, and epoch 1's train_loss averages all its steps, as in an uninterrupted run."""
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    common = ["schedule.epochs=1", "schedule.warmup_epochs=0"]
+    assert train("--set", f"output_dir={whole}", *common).returncode == 0
+    stopped = train("--set", f"output_dir={parts}", *common, "debug.max_steps=2")
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    (parts / "metrics.csv").write_text("")  # as a kill before the first epoch's end left it
+    resumed = train("--set", f"output_dir={parts}", *common, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    header = (parts / "metrics.csv").read_text().splitlines()[0]
+    assert header.startswith("epoch,step,train_loss")
+    assert records(parts, "epoch")[-1]["train_loss"] == pytest.approx(records(whole, "epoch")[-1]["train_loss"])
+
+
+def test_sigterm_mid_epoch_saves_requeues_and_resumes_exactly(tmp_path):
+    """A real SIGTERM during training: the step finishes, last.pt is written, the SLURM job is requeued (a fake
+    scontrol records the call), the exit status is 75, and --resume auto ends with the uninterrupted weights."""
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert train("--set", f"output_dir={whole}").returncode == 0
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        OMP_NUM_THREADS="1",
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        SLURM_JOB_ID="4242",
+    )
+    cmd = [sys.executable, str(SCRIPTS / "train.py"), "--config", str(CONFIGS / "tiny_cpu_synthetic.yaml")]
+    proc = subprocess.Popen([*cmd, "--set", f"output_dir={parts}"], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    jsonl = parts / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (jsonl.exists() and '"kind": "step"' in jsonl.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-3000:]
+    assert "SIGTERM: saved" in out and (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    stopped = load(parts / "last.pt")
+    assert 0 < stopped["global_step"] < 12
+    resumed = train("--set", f"output_dir={parts}", "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_tensors(load(parts / "last.pt")["model"], load(whole / "last.pt")["model"])
+    assert records(parts, "epoch")[-1]["train_loss"] == pytest.approx(records(whole, "epoch")[-1]["train_loss"])

@@ -33,6 +33,17 @@ def atomic_save(obj: dict, path: str | Path) -> None:
         os.close(dir_fd)
 
 
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that saves killed mid-write left in ``folder`` (``.<name>.tmp-<pid>``).
+
+    Call it before this run saves anything there: no other writer may be using the folder.
+    """
+    stale = sorted(Path(folder).glob(".*.tmp-*"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def load(path: str | Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 

@@ -101,8 +101,10 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = 10  # epochs between last.pt updates; the last epoch always writes one
-    every_steps: int = 0  # also write last.pt every N optimizer steps (0: off), for preemptible jobs
+    every: int = 1  # epochs between last.pt updates; the last epoch always writes one
+    every_steps: int = 0  # also write last.pt every N optimizer steps (0: off)
+    every_minutes: float = 30.0  # and after this much training time since the last write (SIGTERM also saves)
+    requeue: bool = True  # after saving on SIGTERM/SIGUSR1 under SLURM: scontrol requeue this job
 
 
 @dataclass
@@ -116,6 +118,7 @@ class LoggingConfig:
 class DebugConfig:
     max_steps: int | None = None  # stop with a checkpoint after this many optimizer steps (simulates a kill)
     nan_at_step: int | None = None  # make the loss NaN at this optimizer step (1-based)
+    nan_grad_at_step: int | None = None  # make one gradient NaN at this step, the loss staying finite (1-based)
 
 
 @dataclass

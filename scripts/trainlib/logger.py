@@ -37,12 +37,15 @@ class MetricsLogger:
 
     def __init__(self, out_dir: Path, resume: bool, tensorboard: bool, wandb_project: str | None, config: dict):
         csv_path = out_dir / "metrics.csv"
-        new_csv = not (resume and csv_path.exists())
+        header = ",".join(EPOCH_COLUMNS)
+        # A run killed before its first epoch ended left no header (or an empty file): start the file again.
+        new_csv = not (resume and csv_path.exists() and csv_path.read_text().startswith(header))
         self.jsonl = open(out_dir / "metrics.jsonl", "a" if resume else "w")
         self.csv_file = open(csv_path, "w" if new_csv else "a", newline="")
         self.csv = csv.DictWriter(self.csv_file, EPOCH_COLUMNS, extrasaction="ignore")
         if new_csv:
             self.csv.writeheader()
+            self.csv_file.flush()
         self.tb = self.wandb = None
         if tensorboard:
             try:

@@ -11,6 +11,8 @@ never calls; they are dropped. Everything else maps one to one::
 from __future__ import annotations
 
 import argparse
+import collections
+import pickle
 import re
 from pathlib import Path
 
@@ -62,12 +64,36 @@ def convert_released_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str
     return converted
 
 
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a checkpoint safely (``weights_only=True``), unwrapping a ``state_dict``/``model`` entry."""
+# The argument object the released training script pickles next to the weights (``latest.ckpt``, ``epoch=N.ckpt``).
+RELEASED_ARGUMENTS = "easydict.EasyDict"
+
+
+def safe_load(path: str | Path):
+    """``torch.load(path, weights_only=True)``, also for released training checkpoints: their ``EasyDict`` of
+    arguments loads as a ``collections.OrderedDict`` (that name alone is mapped, to an inert class: loading never
+    runs code a checkpoint names). A file that is not a readable checkpoint is a ValueError saying so."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            if RELEASED_ARGUMENTS not in str(error):
+                raise
+        with torch.serialization.safe_globals([(collections.OrderedDict, RELEASED_ARGUMENTS)]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, IndexError, KeyError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"{path} is not a checkpoint this code can read safely (truncated, not written by torch.save, or it "
+            f"pickles objects other than tensors and plain containers): {reason}"
+        ) from None
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint safely (:func:`safe_load`), unwrapping a ``state_dict``/``model`` entry."""
+    checkpoint = safe_load(path)
     for wrapper in ("state_dict", "model"):
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(wrapper), dict):
             checkpoint = checkpoint[wrapper]

@@ -334,7 +334,13 @@ def main(argv: list[str] | None = None) -> None:
         raw_model.set_grad_checkpointing(True)
     if cuda and world > 1 and cfg.train.sync_bn:
         raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
-    state = ckpt.load(resume) if resume else None
+    state = None
+    if resume:
+        try:
+            state = ckpt.load(resume)
+            ckpt.check_training_state(state, raw_model, resume)
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
     if state:
         raw_model.load_state_dict(state["model"])
     raw_model.to(device)

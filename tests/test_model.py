@@ -284,3 +284,43 @@ def test_without_bottom_up_no_weight_is_built_that_nothing_reads(img_size, top_d
     model.eval(), full.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x), full(x), rtol=0, atol=0)
+
+
+def test_released_training_checkpoints_load_safely(tmp_path, monkeypatch):
+    """latest.ckpt / epoch=N.ckpt pickle an EasyDict of arguments next to the weights: it loads as a plain dict
+    (without easydict installed), and a checkpoint naming any other global is refused, not executed."""
+    import pickle
+    import sys
+    import types
+    from collections import OrderedDict
+
+    from atlas.convert import load_state_dict_file, safe_load
+
+    easydict = types.ModuleType("easydict")
+
+    class EasyDict(dict):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.__dict__.update(self)
+
+    EasyDict.__module__, EasyDict.__qualname__ = "easydict", "EasyDict"
+    easydict.EasyDict = EasyDict
+    monkeypatch.setitem(sys.modules, "easydict", easydict)
+    weights = {"atlas_models.fc.weight": torch.randn(3, 4)}
+    torch.save({"model": weights, "epoch": 7, "args": EasyDict(lr=5e-4, img_size=1024)}, tmp_path / "latest.ckpt")
+    monkeypatch.delitem(sys.modules, "easydict")
+    loaded = safe_load(tmp_path / "latest.ckpt")
+    assert isinstance(loaded["args"], OrderedDict) and loaded["args"]["img_size"] == 1024
+    assert torch.equal(
+        load_state_dict_file(tmp_path / "latest.ckpt")["atlas_models.fc.weight"], weights[next(iter(weights))]
+    )
+
+    class Exploit:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"model": Exploit()}, protocol=2))
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    for name in ("evil.pt", "text.pt"):
+        with pytest.raises(ValueError, match="not a checkpoint this code can read safely"):
+            safe_load(tmp_path / name)

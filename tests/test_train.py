@@ -304,3 +304,23 @@ def test_sigterm_mid_epoch_saves_requeues_and_resumes_exactly(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_tensors(load(parts / "last.pt")["model"], load(whole / "last.pt")["model"])
     assert records(parts, "epoch")[-1]["train_loss"] == pytest.approx(records(whole, "epoch")[-1]["train_loss"])
+
+
+def test_bad_resume_inputs_are_one_line_errors(ddp_run, tmp_path):
+    """Truncated and text files, a best.pt, and a checkpoint of another model: one 'error:' line each."""
+    last = (ddp_run / "last.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(last[: len(last) // 2])
+    (tmp_path / "text.pt").write_text("epoch 3\n")
+    cases = {
+        "truncated.pt": "not a checkpoint this code can read safely",
+        "text.pt": "not a checkpoint this code can read safely",
+        str(ddp_run / "best.pt"): "is a best.pt",
+        str(ddp_run / "last.pt"): "does not fit this model",
+    }
+    for name, message in cases.items():
+        path = tmp_path / name
+        extra = ["data.num_classes=7"] if name.endswith("last.pt") else []
+        result = train("--set", f"output_dir={tmp_path / 'run'}", *extra, "--resume", str(path))
+        assert result.returncode == 1, name
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (name, lines)

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from atlas.convert import safe_load
+
 
 def atomic_save(obj: dict, path: str | Path) -> None:
     """Write to a temporary file in the same folder, fsync it, then rename it over `path`."""
@@ -44,8 +46,35 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     return stale
 
 
+TRAINING_KEYS = ("model", "optimizer", "scheduler", "epoch", "step_in_epoch", "global_step", "global_batch", "rng")
+
+
 def load(path: str | Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint, loaded safely (tensors and plain containers only); ValueError if it cannot be read."""
+    return safe_load(path)
+
+
+def check_training_state(state, model: torch.nn.Module, path: Path) -> None:
+    """ValueError, in one line, unless ``state`` is a last.pt that fits ``model``."""
+    if not isinstance(state, dict) or "model" not in state:
+        raise ValueError(f"{path} holds no model weights: --resume needs a last.pt written by scripts/train.py")
+    missing = [key for key in TRAINING_KEYS if key not in state]
+    if missing:
+        kind = "a best.pt (weights for evaluation)" if "top1" in state else "not a training checkpoint"
+        raise ValueError(f"{path} is {kind}, without {', '.join(missing)}: --resume needs a last.pt")
+    ours, theirs = model.state_dict(), state["model"]
+    absent = [k for k in ours if k not in theirs]
+    extra = [k for k in theirs if k not in ours]
+    reshaped = [k for k in ours if k in theirs and theirs[k].shape != ours[k].shape]
+    if absent or extra or reshaped:
+        written = state.get("config", {}).get("model", {})
+        example = reshaped[0] if reshaped else (absent or extra)[0]
+        shapes = f" ({tuple(theirs[example].shape)} there, {tuple(ours[example].shape)} here)" if reshaped else ""
+        raise ValueError(
+            f"{path} does not fit this model: {len(absent)} weights missing, {len(extra)} unexpected, "
+            f"{len(reshaped)} of another shape, e.g. {example}{shapes}; it was written for model "
+            f"{written.get('name', '?')} with kwargs {written.get('kwargs', '?')}: resume with its config"
+        )
 
 
 def rng_state() -> dict:

@@ -34,6 +34,7 @@ class Run:
     best_top1: float | None
     last_top1: float | None
     elapsed_h: float | None
+    evaluation: str  # the validation protocol the run used
 
 
 def read_run(path: Path) -> Run:
@@ -54,6 +55,12 @@ def read_run(path: Path) -> Run:
     evaluated = [r for _, r in sorted(epochs.items()) if r.get("val_top1") is not None]
     scores = [max(r["val_top1"], r.get("ema_top1") or 0.0) for r in evaluated]
     last = epochs[max(epochs)] if epochs else {}
+    if "eval_every" in info:
+        images = evaluated[-1].get("val_images", "?") if evaluated else "?"
+        protocol = ", per-rank drop_last: the released protocol" if info.get("eval_drop_last") else ""
+        evaluation = f"every {info['eval_every']} epoch(s) on {images} validation images{protocol}"
+    else:
+        evaluation = "protocol not recorded"
     return Run(
         name=str(metrics.parent if metrics.name == "metrics.jsonl" else metrics),
         paper_table=info.get("paper_table"),
@@ -64,6 +71,7 @@ def read_run(path: Path) -> Run:
         best_top1=max(scores, default=None),
         last_top1=evaluated[-1]["val_top1"] if evaluated else None,
         elapsed_h=last.get("elapsed_h"),
+        evaluation=evaluation,
     )
 
 
@@ -94,7 +102,9 @@ def table_lines(title: str, unit: str, rows: list[dict], runs: list[Run]) -> lis
                 f"| {'-' if delta is None else f'{delta:+.2f}'} | {fmt(paper['runtime'])} | {fmt(runtime)} "
                 f"| {run.epochs_done}/{run.epochs or '?'} | {run.hardware} | {run.name} |"
             )
-    return lines + [""]
+    shown = [run for paper in rows for run in runs if run.paper_row == paper["row"]]
+    lines += [""] + [f"* {run.name}: evaluated {run.evaluation}" for run in shown]
+    return lines + ([""] if shown else [])
 
 
 def main(argv: list[str] | None = None) -> int:

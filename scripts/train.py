@@ -264,7 +264,8 @@ def evaluate(model: nn.Module, batches, device: torch.device, autocast, channels
     loss, top1, top5, count, skipped = all_reduce(sums).tolist()
     if count == 0:
         raise TrainingError("the validation set yielded no readable images")
-    return {"top1": 100 * top1 / count, "top5": 100 * top5 / count, "loss": loss / count, "skipped": int(skipped)}
+    metrics = {"top1": 100 * top1 / count, "top5": 100 * top5 / count, "loss": loss / count}
+    return {**metrics, "skipped": int(skipped), "images": int(count)}
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -414,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     train_loader = DataLoader(SeededSamples(train_set), bs, sampler=train_sampler, drop_last=True, **loader_args)
     val_shard = Subset(val_set, range(rank, len(val_set), world))
-    val_loader = DataLoader(val_shard, cfg.eval.batch_size or bs, **loader_args)
+    val_loader = DataLoader(val_shard, cfg.eval.batch_size or bs, drop_last=cfg.eval.drop_last, **loader_args)
     train_stage = val_stage = None
     if fast:  # the trainer's half of the fast pipeline: resize, normalise (and erase) on this device
         norm = dict(img_size=cfg.model.img_size, mean=a.mean, std=a.std, device=device)
@@ -442,6 +443,8 @@ def main(argv: list[str] | None = None) -> None:
             epochs=epochs,
             steps_per_epoch=steps_per_epoch,
             world_size=world,
+            eval_every=cfg.eval.every,
+            eval_drop_last=cfg.eval.drop_last,
             global_batch=global_batch,
             lr=lr,
             device=str(device),
@@ -650,6 +653,7 @@ def main(argv: list[str] | None = None) -> None:
                 val_top5=metrics["top5"],
                 val_loss=metrics["loss"],
                 val_skipped_images=metrics["skipped"],
+                val_images=metrics["images"],
             )
             score = metrics["top1"]
             if ema is not None:

@@ -70,3 +70,17 @@ def test_paper_numbers_are_those_of_the_paper():
     assert top1[(4, "multi-scale + bottom-up + top-down (MSA)")] == 72.02 and top1[(5, "Atlas (2, 10)")] == 70.09
     assert top1[(6, "Atlas-B/16 @2048")] == 74.74 and top1[(6, "ViT-B/16 @2048")] is None
     assert [len(paper[n]["rows"]) for n in range(1, 7)] == [7, 6, 7, 5, 3, 28]
+
+
+def test_the_evaluation_protocol_of_each_run_is_named(tmp_path, capsys):
+    released = write_run(tmp_path / "released", 1, "Atlas-B", [(1, 50.0, 0.1)])
+    lines = released.joinpath("metrics.jsonl").read_text().splitlines()
+    run, epoch = json.loads(lines[0]), json.loads(lines[1])
+    run.update(eval_every=1, eval_drop_last=True)
+    epoch.update(val_images=4864)
+    released.joinpath("metrics.jsonl").write_text(json.dumps(run) + "\n" + json.dumps(epoch) + "\n")
+    old = write_run(tmp_path / "old", 1, "ViT-B", [(1, 50.0, 0.1)])
+    compare_results.main([str(released), str(old)])
+    out = capsys.readouterr().out
+    assert f"* {released}: evaluated every 1 epoch(s) on 4864 validation images, per-rank drop_last" in out
+    assert f"* {old}: evaluated protocol not recorded" in out

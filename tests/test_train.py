@@ -67,7 +67,8 @@ def test_ddp_trains_evaluates_and_checkpoints(ddp_run):
     for e in epochs:
         assert 0 <= e["val_top1"] <= e["val_top5"] <= 100 and 0 <= e["ema_top1"] <= 100
         assert e["images_per_s"] > 0 and e["epoch_time_s"] > 0 and e["peak_mem_gb"] > 0
-        assert e["skipped_images"] == 0
+        assert e["skipped_images"] == 0 and e["val_images"] == 32  # 2 ranks x 16, no drop_last
+    assert (run["eval_every"], run["eval_drop_last"]) == (1, False)
     (final,) = records(ddp_run, "final")
     assert final["final_top1"] == epochs[-1]["val_top1"]
     assert len((ddp_run / "metrics.csv").read_text().splitlines()) == 1 + 3
@@ -189,6 +190,13 @@ def test_resumable_sampler_shards_and_skips():
     assert list(a) == first[2:] and len(a) == 3
     a.set_epoch(4)
     assert list(a) != first
+
+
+def test_released_evaluation_protocol_config():
+    cfg = load_config(CONFIGS / "table1_atlas_b16_1024_released_eval.yaml")
+    assert (cfg.eval.every, cfg.eval.drop_last, cfg.paper_row) == (1, True, "Atlas-B")
+    shard = 5000 // 8  # images per rank, then whole batches of 32 only
+    assert 8 * (shard // cfg.train.batch_size) * cfg.train.batch_size == 4864
 
 
 def test_paper_configs_build_and_match_the_paper():

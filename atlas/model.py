@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 from timm.models import build_model_with_cfg, register_model
+from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -26,6 +27,7 @@ from .stem import ConvStem, check_memory_format
 # (2048px, 4096px) is our choice, the paper does not state it.
 DEPTHS_BASE = {1: (12,), 2: (2, 10), 3: (2, 2, 8), 4: (2, 2, 2, 6)}
 DEPTHS_TINY = {1: (6,), 2: (2, 4), 3: (2, 2, 2), 4: (1, 1, 2, 2)}
+GLOBAL_POOLS = ("avg", "")
 
 
 @dataclass
@@ -53,6 +55,7 @@ class AtlasConfig:
     routing: str = "containing"
     memory_format: str = "auto"  # the stem's: "auto", "channels_last" or "contiguous" (see atlas/stem.py)
     attention: str = "sdpa"  # top-down kernel: "sdpa" (windows, any device) or "flex" (FlexAttention, CUDA training)
+    global_pool: str = "avg"  # readout: "avg" (mean over the coarsest scale's tokens) or "" (every token)
 
     def __post_init__(self):
         if isinstance(self.img_size, int):
@@ -71,6 +74,8 @@ class AtlasConfig:
             )
         if self.routing not in ROUTINGS:
             problems.append(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
+        if self.global_pool not in GLOBAL_POOLS:
+            problems.append(f"global_pool must be one of {GLOBAL_POOLS}, got {self.global_pool!r}")
         if self.attention not in ATTENTION_KERNELS:
             problems.append(f"attention must be one of {ATTENTION_KERNELS}, got {self.attention!r}")
         elif self.attention == "flex" and importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
@@ -192,7 +197,13 @@ class Atlas(nn.Module):
         self.fc_norm = nn.LayerNorm(config.embed_dim)
         self.head_drop = nn.Dropout(config.drop_rate)
         self.head = nn.Linear(config.embed_dim, config.num_classes) if config.num_classes else nn.Identity()
+        self.global_pool = config.global_pool
         self._geometry: dict[tuple, list[BlockGeometry]] = {}
+        # Feature i: scale i after stage i, its last stage (the next one drops it); stride 16 * 4^i.
+        self.feature_info = [
+            dict(num_chs=config.embed_dim, reduction=config.patch_size * config.pool_stride**i, module=f"stages.{i}")
+            for i in range(num_scales)
+        ]
 
     # -- the forward pass, top to bottom ------------------------------------------------------------
     def check_input(self, x: torch.Tensor) -> MultiScaleLayout:
@@ -211,10 +222,10 @@ class Atlas(nn.Module):
                 f"both sides must be >= {cfg.patch_size}"
             )
         layout = cfg.layout_for(size)
-        if layout.num_scales != len(self.stages):
+        if layout.num_scales != len(cfg.depths):
             raise ValueError(
                 f"image {size[0]}x{size[1]} gives {layout.num_scales} scales but this model was built for "
-                f"{len(self.stages)} (img_size={cfg.img_size}); feed sizes with {len(self.stages)} scales or "
+                f"{len(cfg.depths)} (img_size={cfg.img_size}); feed sizes with {len(cfg.depths)} scales or "
                 f"build the model with img_size={size}"
             )
         return layout
@@ -252,9 +263,61 @@ class Atlas(nn.Module):
         return map_to_tokens(self.forward_stages(x)[1][-1][-1])
 
     def forward_head(self, tokens_bnc: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """``(B, N, C)`` tokens -> LayerNorm, mean over tokens, LayerNorm, (dropout, Linear)."""
-        pooled = self.fc_norm(self.readout_norm(tokens_bnc).mean(dim=1))
+        """``(B, N, C)`` tokens -> LayerNorm, mean over tokens (``global_pool="avg"``), LayerNorm, (dropout, Linear).
+
+        With ``global_pool=""`` every token is kept: ``(B, N, C)`` features or ``(B, N, classes)`` logits.
+        """
+        tokens_bnc = self.readout_norm(tokens_bnc)
+        pooled = self.fc_norm(tokens_bnc.mean(dim=1) if self.global_pool == "avg" else tokens_bnc)
         return pooled if pre_logits else self.head(self.head_drop(pooled))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's feature API: the per-scale maps a detection or segmentation head reads.
+
+        Intermediate ``i`` is scale ``i`` after stage ``i`` (the last stage that updates it): ``(B, C, h_i, w_i)``
+        (``output_fmt="NCHW"``) or ``(B, h_i, w_i, C)`` (``"NHWC"``), ``h_i = ceil(H / (16 * 4^i))`` for any input
+        size, padded or not (see ``feature_info``). ``indices``: the last n if an int, all if None, or a list.
+        ``norm`` applies ``readout_norm``. Returns the intermediates, or ``(forward_features(x), intermediates)``.
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        layout = self.check_input(x)
+        maps = build_pyramid(image_to_map(self.stem(x)), layout)
+        last = max_index if stop_early or intermediates_only else len(self.stages) - 1
+        intermediates = []
+        geometry = self.geometry(layout, x.device)[: last + 1]
+        for i, (stage, geo) in enumerate(zip(self.stages[: last + 1], geometry, strict=True)):
+            maps = stage(maps, geo)
+            if i in take:
+                feature = self.readout_norm(maps[0]) if norm else maps[0]
+                intermediates.append(feature.permute(0, 3, 1, 2) if output_fmt == "NCHW" else feature)
+            if i < len(self.stages) - 1:
+                maps = maps[1:]  # progressive scale dropping
+        if intermediates_only:
+            return intermediates
+        return map_to_tokens(maps[-1]), intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages after the last feature in ``indices`` (and the classifier): returns the indices kept."""
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[: max_index + 1]
+        if prune_norm:
+            self.readout_norm = nn.Identity()
+        if prune_head:
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0, "")
+        return take
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -264,8 +327,17 @@ class Atlas(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if global_pool is not None:
+            if global_pool not in GLOBAL_POOLS:
+                raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
+            self.global_pool = self.config.global_pool = global_pool
         self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes else nn.Identity()
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names to keep out of weight decay beyond norms and biases (which timm's optimizer factory
+        already leaves out): none; Atlas has no position table or class token, its position MLPs are decayed."""
+        return set()
 
     def fuse_for_inference(self) -> Atlas:
         """Eval mode with the stem's batch norms folded into its convolutions (faster, same outputs); ``self``."""
@@ -333,7 +405,22 @@ def _create_atlas(variant: str, pretrained: bool = False, **kwargs) -> Atlas:
     kwargs.setdefault("img_size", default_cfgs[variant]["input_size"][1:])
     kwargs.setdefault("num_classes", default_cfgs[variant]["num_classes"])
     kwargs = {**MODEL_ARGS[variant], **kwargs}
-    return build_model_with_cfg(Atlas, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    fields = {f.name for f in dataclasses.fields(AtlasConfig)}
+    config = AtlasConfig.from_kwargs(**{k: v for k, v in kwargs.items() if k in fields})  # timm adds other keys
+    model = build_model_with_cfg(
+        Atlas,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(len(config.depths)))),  # every scale
+        **kwargs,
+    )
+    # The data config of the size the model was built for (timm would report the registered one).
+    model.pretrained_cfg = model.default_cfg = {
+        **model.pretrained_cfg,
+        "input_size": (config.in_chans, *config.img_size),
+    }
+    return model
 
 
 @register_model

@@ -54,11 +54,16 @@ def build_dataset(name: str, split: str, transform: Callable | None = None, **op
     return builder(split=split, transform=transform, **options)
 
 
-def collate_skip_unreadable(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Collate ``(image, label)`` samples, dropping ``None`` ones: returns (images, labels, number dropped)."""
+def collate_skip_unreadable(batch: list, stack: bool = True) -> tuple[torch.Tensor | list, torch.Tensor, int]:
+    """Collate ``(image, label)`` samples, dropping ``None`` ones: returns (images, labels, number dropped).
+
+    ``stack=False`` keeps the images a list, for images of different sizes.
+    """
     kept = [sample for sample in batch if sample is not None]
     if not kept:
         raise RuntimeError(f"all {len(batch)} images of a batch were unreadable; check the dataset")
+    if not stack:
+        return [image for image, _ in kept], default_collate([label for _, label in kept]), len(batch) - len(kept)
     images, labels = default_collate(kept)
     return images, labels, len(batch) - len(kept)
 

@@ -246,13 +246,19 @@ class Atlas(nn.Module):
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_geometry": {}}  # caches stay behind (FlexAttention masks hold closures)
 
-    def forward_stages(self, x: torch.Tensor) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
-        """Images -> (stem output ``(B, C, h, w)``, per stage the list of its ``(B, h_l, w_l, C)`` maps)."""
+    def forward_stages(
+        self, x: torch.Tensor, num_stages: int | None = None
+    ) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+        """Images -> (stem output ``(B, C, h, w)``, per stage the list of its ``(B, h_l, w_l, C)`` maps).
+
+        ``num_stages`` runs only the first stages (all by default).
+        """
         layout = self.check_input(x)
         stem_bchw = self.stem(x)
         maps = build_pyramid(image_to_map(stem_bchw), layout)
         outputs = []
-        for stage, geo in zip(self.stages, self.geometry(layout, x.device), strict=True):
+        stages, geometry = self.stages[:num_stages], self.geometry(layout, x.device)[:num_stages]
+        for stage, geo in zip(stages, geometry, strict=True):
             maps = stage(maps, geo)
             outputs.append(maps)
             maps = maps[1:]  # progressive scale dropping
@@ -290,21 +296,13 @@ class Atlas(nn.Module):
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         take, max_index = feature_take_indices(len(self.stages), indices)
-        layout = self.check_input(x)
-        maps = build_pyramid(image_to_map(self.stem(x)), layout)
         last = max_index if stop_early or intermediates_only else len(self.stages) - 1
-        intermediates = []
-        geometry = self.geometry(layout, x.device)[: last + 1]
-        for i, (stage, geo) in enumerate(zip(self.stages[: last + 1], geometry, strict=True)):
-            maps = stage(maps, geo)
-            if i in take:
-                feature = self.readout_norm(maps[0]) if norm else maps[0]
-                intermediates.append(feature.permute(0, 3, 1, 2) if output_fmt == "NCHW" else feature)
-            if i < len(self.stages) - 1:
-                maps = maps[1:]  # progressive scale dropping
+        _, outputs = self.forward_stages(x, num_stages=last + 1)
+        features = [self.readout_norm(outputs[i][0]) if norm else outputs[i][0] for i in take]
+        intermediates = [f.permute(0, 3, 1, 2) for f in features] if output_fmt == "NCHW" else features
         if intermediates_only:
             return intermediates
-        return map_to_tokens(maps[-1]), intermediates
+        return map_to_tokens(outputs[-1][-1]), intermediates
 
     def prune_intermediate_layers(
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True

@@ -13,6 +13,7 @@ additions are not counted.
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
 
 import timm
 import torch
@@ -116,3 +117,12 @@ def atlas_flops_breakdown(model: nn.Module, input_shape: tuple[int, ...], device
         "head": counts.get(f"{root}.head", 0),
         "total": counts["Global"],
     }
+
+
+def cpu_name() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it (Linux), or ""."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")

@@ -36,6 +36,7 @@ from trainlib.data import isolated_rng  # noqa: E402
 from trainlib.pipeline import DeviceStage  # noqa: E402
 
 from atlas.datasets import load_image  # noqa: E402
+from atlas.profiling import cpu_name  # noqa: E402
 
 RECIPE = ROOT / "scripts" / "configs" / "table1_atlas_b16_1024.yaml"
 TRAIN_IMAGES = 126_689  # ImageNet-100 (HR-IN100) training images
@@ -119,8 +120,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)  # one DataLoader worker is one process on one core
     source = tuple(int(v) for v in args.source.lower().split("x"))
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), "unknown CPU")  # fmt: skip
+    cpu = cpu_name() or "unknown CPU"
     print(f"# {cpu}; torch {torch.__version__}; 1 thread; {args.images} {source[0]}x{source[1]} JPEG sources")
     print(
         "| px | pipeline | worker ms/img (decode + transform) | handoff ms | worker img/s per core | bytes/sample "

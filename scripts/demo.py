@@ -54,6 +54,8 @@ import torch  # noqa: E402
 import train  # noqa: E402  (scripts/train.py: this folder is on sys.path when the demo runs as a script)
 from trainlib.config import Config, load_config  # noqa: E402
 
+from atlas.profiling import cpu_name  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "scripts" / "configs" / "demo"
 ASSET = ROOT / "notebooks" / "assets" / "atlas_tiny_longrange.pt"
@@ -344,15 +346,6 @@ def main(argv: list[str] | None = None) -> list[Result]:
         f"results in {args.out}"
     )
     return results
-
-
-def cpu_name() -> str:
-    """The CPU's model name as /proc/cpuinfo gives it (Linux), or ""."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return ""
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ import yaml  # noqa: E402
 from benchmark import median_seconds, peak_memory  # noqa: E402  (scripts/benchmark.py)
 
 import atlas  # noqa: E402, F401  (registers the Atlas models with timm)
-from atlas.profiling import count_flops  # noqa: E402
+from atlas.profiling import count_flops, cpu_name  # noqa: E402
 
 TINY_CONFIG = ROOT / "scripts" / "configs" / "tiny_cpu_synthetic.yaml"
 NUM_CLASSES = 100
@@ -475,11 +475,7 @@ def check_largest_image(section: Section, plan: Plan, device: torch.device) -> N
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpuinfo = Path("/proc/cpuinfo")
-    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
+    return cpu_name() or platform.processor() or "unknown CPU"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -549,7 +549,11 @@ def main(argv: list[str] | None = None) -> None:
                     if cfg.debug.nan_grad_at_step == global_step + 1:
                         next(p for p in raw_model.parameters() if p.grad is not None).grad.fill_(float("nan"))
                 loss_acc += loss.detach().float() / accum
-            step_loss = all_reduce(loss_acc).item() / world  # the mean over ranks; NaN if any rank has NaN
+            # One all-reduce per step: the loss, a signal on any rank, and rank 0's checkpoint clock.
+            due = master and (time.time() - last_save) / 60 >= cfg.checkpoint.every_minutes
+            requests = torch.tensor([preemption.signal is not None, due], device=device, dtype=loss_acc.dtype)
+            loss_total, preempted, due = all_reduce(torch.cat([loss_acc.view(1), requests])).tolist()
+            step_loss = loss_total / world  # the mean over ranks; NaN if any rank has NaN
             if not math.isfinite(step_loss):
                 bar.close()
                 last = out_dir / "last.pt"
@@ -602,12 +606,8 @@ def main(argv: list[str] | None = None) -> None:
             stop = cfg.debug.max_steps is not None and global_step >= cfg.debug.max_steps
             mid_epoch = step_in_epoch + 1 < steps_per_epoch
             every = cfg.checkpoint.every_steps
-            # A signal on any rank, or rank 0's clock: all ranks agree before anyone saves.
-            due = master and (time.time() - last_save) / 60 >= cfg.checkpoint.every_minutes
-            requests = torch.tensor([preemption.signal is not None, due], device=device, dtype=torch.float32)
-            preempted, due = (all_reduce(requests) > 0).tolist()
             progress = dict(loss_sum=prior_loss + loss_sum, steps=prior_steps + steps_done)
-            if preempted:  # this step's state, even at the epoch's last step: the resumed run ends the epoch
+            if preempted:  # all ranks agree (above); this step's state, even at the epoch's last step
                 save_checkpoint(epoch, step_in_epoch + 1, progress)
                 bar.close()
                 log(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import random
 from contextlib import contextmanager
+from functools import partial
 
 import numpy as np
 import torch
@@ -32,9 +33,8 @@ from PIL import Image
 from timm.data import rand_augment_transform
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import RandomResizedCropAndInterpolation, str_to_pil_interp
-from torch.utils.data import default_collate
 
-PIPELINES = ("exact", "fast")
+from atlas.datasets import collate_skip_unreadable
 
 
 def pil_to_uint8(img: Image.Image) -> torch.Tensor:
@@ -94,12 +94,8 @@ class SourceCenterCrop:
         return pil_to_uint8(img.crop((left, top, left + cw, top + ch)))
 
 
-def collate_crops(batch: list) -> tuple[list[torch.Tensor], torch.Tensor, int]:
-    """Like `collate_skip_unreadable`, but the crops stay a list (their sizes differ)."""
-    kept = [sample for sample in batch if sample is not None]
-    if not kept:
-        raise RuntimeError(f"all {len(batch)} images of a batch were unreadable; check the dataset")
-    return [crop for crop, _ in kept], default_collate([label for _, label in kept]), len(batch) - len(kept)
+# The crops of a batch differ in size: they stay a list (unreadable images dropped and counted, as for `exact`).
+collate_crops = partial(collate_skip_unreadable, stack=False)
 
 
 class DeviceStage:

@@ -3,6 +3,14 @@
 The named models are registered with timm, so that after ``import atlas``::
 
     timm.create_model("atlas_base_patch16", img_size=1024, num_classes=100, drop_path_rate=0.3)
+
+``composition`` chooses how MSA blocks are put together (the paper's Table 5); Atlas is the default:
+
+* ``"atlas"``: one stage per scale; after stage ``i`` the finest scale is dropped; readout from the coarsest.
+* ``"stack"``: one stage of ``depths[0]`` blocks over every scale, nothing dropped; the readout averages the
+  scales (Tables 3-5: "no down-sampling, average scales for readout").
+* ``"conv_downsample"``: stages at halving resolution, as in hierarchical backbones: after each stage a
+  LayerNorm and a strided 3x3 convolution halve the finest map, and the next stage rebuilds its scales from it.
 """
 
 from __future__ import annotations
@@ -20,14 +28,16 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .msa import ATTENTION_KERNELS, BlockGeometry, MSABlock
-from .scales import ROUTINGS, MultiScaleLayout, build_pyramid, image_to_map, map_to_tokens
-from .stem import ConvStem, check_memory_format
+from .scales import ROUTINGS, MultiScaleLayout, build_pyramid, image_to_map, map_to_image, map_to_tokens
+from .stem import MEMORY_FORMATS, ConvStem, Downsample, check_memory_format
 
 # Blocks per stage, by number of scales. Two scales (1024px) is the paper's "D2D10"; three scales
 # (2048px, 4096px) is our choice, the paper does not state it.
 DEPTHS_BASE = {1: (12,), 2: (2, 10), 3: (2, 2, 8), 4: (2, 2, 2, 6)}
 DEPTHS_TINY = {1: (6,), 2: (2, 4), 3: (2, 2, 2), 4: (1, 1, 2, 2)}
 GLOBAL_POOLS = ("avg", "")
+COMPOSITIONS = ("atlas", "stack", "conv_downsample")
+READOUTS = ("coarsest", "all_scales")
 
 
 @dataclass
@@ -55,7 +65,9 @@ class AtlasConfig:
     routing: str = "containing"
     memory_format: str = "auto"  # the stem's: "auto", "channels_last" or "contiguous" (see atlas/stem.py)
     attention: str = "sdpa"  # top-down kernel: "sdpa" (windows, any device) or "flex" (FlexAttention, CUDA training)
-    global_pool: str = "avg"  # readout: "avg" (mean over the coarsest scale's tokens) or "" (every token)
+    global_pool: str = "avg"  # readout: "avg" (mean over the readout tokens) or "" (every token)
+    composition: str = "atlas"  # "atlas", "stack" or "conv_downsample" (see the module docstring)
+    readout: str | None = None  # "coarsest" or "all_scales" of the last stage; None: "all_scales" for a stack
 
     def __post_init__(self):
         if isinstance(self.img_size, int):
@@ -76,6 +88,12 @@ class AtlasConfig:
             problems.append(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
         if self.global_pool not in GLOBAL_POOLS:
             problems.append(f"global_pool must be one of {GLOBAL_POOLS}, got {self.global_pool!r}")
+        if self.composition not in COMPOSITIONS:
+            problems.append(f"composition must be one of {COMPOSITIONS}, got {self.composition!r}")
+        if self.readout is None:
+            self.readout = "all_scales" if self.composition == "stack" else "coarsest"
+        if self.readout not in READOUTS:
+            problems.append(f"readout must be one of {READOUTS}, got {self.readout!r}")
         if self.attention not in ATTENTION_KERNELS:
             problems.append(f"attention must be one of {ATTENTION_KERNELS}, got {self.attention!r}")
         elif self.attention == "flex" and importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
@@ -93,18 +111,44 @@ class AtlasConfig:
         if problems:
             raise ValueError("invalid Atlas config: " + "; ".join(problems))
         if self.depths is None:
-            n = self.layout.num_scales
-            if n not in self.depths_by_scales:
-                raise ValueError(
-                    f"img_size {self.img_size} gives {n} scales; default depths exist for "
-                    f"{sorted(self.depths_by_scales)} scales: pass depths=(d_1, ..., d_{n})"
-                )
-            self.depths = self.depths_by_scales[n]
+            self.depths = self.default_depths()
         self.depths = tuple(self.depths)
-        if len(self.depths) != self.layout.num_scales or min(self.depths) < 1:
+        self.check_composition()
+
+    def default_depths(self) -> tuple[int, ...]:
+        """Atlas: ``depths_by_scales[num_scales]``; a stack: as many blocks in one stage; conv: (3, 3, 3, 3)."""
+        if self.composition == "conv_downsample":
+            return (3, 3, 3, 3)  # the paper's Table 5 row
+        n = self.layout.num_scales
+        if n not in self.depths_by_scales:
             raise ValueError(
-                f"depths {self.depths} must give >= 1 block for each of the {self.layout.num_scales} scales "
-                f"of img_size {self.img_size}"
+                f"img_size {self.img_size} gives {n} scales; default depths exist for "
+                f"{sorted(self.depths_by_scales)} scales: pass depths=(d_1, ..., d_{n})"
+            )
+        depths = self.depths_by_scales[n]
+        return (sum(depths),) if self.composition == "stack" else depths
+
+    def check_composition(self) -> None:
+        """Depths that fit the composition, and no scale whose last update nothing would read."""
+        n = self.layout.num_scales
+        if min(self.depths, default=0) < 1:
+            raise ValueError(f"depths {self.depths} must give >= 1 block to every stage")
+        if self.composition == "atlas" and len(self.depths) != n:
+            raise ValueError(
+                f"depths {self.depths} must give >= 1 block for each of the {n} scales of img_size {self.img_size}"
+            )
+        if self.composition == "stack":
+            if len(self.depths) != 1:
+                raise ValueError(f"composition 'stack' runs one stage over all scales: depths=(d,), got {self.depths}")
+            if self.readout == "coarsest" and n > 1 and not self.bottom_up:
+                raise ValueError(
+                    "readout 'coarsest' of a stack without bottom_up never reads the finer scales' last update "
+                    "(their weights would get no gradient): use readout='all_scales' or bottom_up=True"
+                )
+        if self.composition == "conv_downsample" and self.multiscale and not self.top_down:
+            raise ValueError(
+                "composition 'conv_downsample' carries only the finest scale to the next stage, which without "
+                "top_down never reads the coarse scales: use top_down=True or multiscale=False"
             )
 
     @classmethod
@@ -129,15 +173,44 @@ class AtlasConfig:
     def layout(self) -> MultiScaleLayout:
         return self.layout_for(self.img_size)
 
+    def stage_plan(self, image_size: tuple[int, int]) -> list[tuple[MultiScaleLayout, int]]:
+        """Per stage, the layout it runs on and the first scale of it that it updates."""
+        layout = self.layout_for(image_size)
+        if self.composition == "atlas":
+            return [(layout, i) for i in range(len(self.depths))]
+        if self.composition == "stack":
+            return [(layout, 0)]
+        plan, (h, w) = [], layout.token_size
+        for _ in self.depths:
+            plan.append((MultiScaleLayout((h, w), self.window_size, self.pool_stride, self.multiscale), 0))
+            h, w = math.ceil(h / 2), math.ceil(w / 2)
+        return plan
+
+    def feature_sources(self) -> list[tuple[int, int, int]]:
+        """Per backbone feature, finest first: (stage, local scale index, stride in pixels).
+
+        Atlas: scale ``i`` after stage ``i``, the last stage that updates it. Stack: every scale after the one
+        stage. Conv down-sampling: the finest map of each stage.
+        """
+        if self.composition == "stack":
+            return [(0, l, self.patch_size * self.pool_stride**l) for l in range(self.layout.num_scales)]
+        if self.composition == "conv_downsample":
+            return [(i, 0, self.patch_size * 2**i) for i in range(len(self.depths))]
+        return [(i, 0, self.patch_size * self.pool_stride**i) for i in range(len(self.depths))]
+
 
 class AtlasStage(nn.Module):
-    """``depth`` MSA blocks over the scales ``first .. L-1``."""
+    """``depth`` MSA blocks over ``num_scales`` scales; ``hand_over`` says what the next stage reads of them.
 
-    def __init__(self, config: AtlasConfig, num_scales: int, drop_path_rates: list[float], last: bool):
+    ``"coarse"``: the scales but the finest (Atlas drops it); ``"finest"``: the finest map alone, halved by
+    ``downsample`` (conv down-sampling); None: the last stage, read out. The last block skips the updates that
+    nothing would read (distributed training would otherwise wait for their weights' gradients): without
+    bottom-up, that of the scale Atlas drops next; before conv down-sampling, the bottom-up pass.
+    """
+
+    def __init__(self, config: AtlasConfig, num_scales: int, drop_path_rates: list[float], hand_over: str | None):
         super().__init__()
-        # The finest scale is dropped after this stage (unless it is the last): without bottom-up, the last
-        # block's update of it would be read by nothing.
-        dropped = not last and not config.bottom_up
+        last = len(drop_path_rates) - 1
         self.blocks = nn.ModuleList(
             MSABlock(
                 config.embed_dim,
@@ -146,11 +219,12 @@ class AtlasStage(nn.Module):
                 config.mlp_ratio,
                 rate,
                 config.top_down,
-                config.bottom_up,
-                update_finest=not (dropped and j == len(drop_path_rates) - 1),
+                config.bottom_up and not (j == last and hand_over == "finest"),
+                update_finest=not (j == last and hand_over == "coarse" and not config.bottom_up),
             )
             for j, rate in enumerate(drop_path_rates)
         )
+        self.downsample = Downsample(config.embed_dim, config.embed_dim, 2) if hand_over == "finest" else None
         self.grad_checkpointing = False
 
     def forward(self, maps: list[torch.Tensor], geo: BlockGeometry) -> list[torch.Tensor]:
@@ -183,15 +257,16 @@ class Atlas(nn.Module):
         self.stem = ConvStem(
             config.in_chans, config.stem_width, config.patch_size, config.stem_depth, config.memory_format
         )
-        num_scales = len(config.depths)
+        plan = config.stage_plan(config.img_size)
+        hand_over = {"atlas": "coarse", "stack": None, "conv_downsample": "finest"}[config.composition]
         self.stages = nn.ModuleList(
             AtlasStage(
                 config,
-                num_scales - i,
+                layout.num_scales - first,
                 [config.drop_path_rate * j / max(d - 1, 1) for j in range(d)],
-                last=i == num_scales - 1,
+                hand_over if i < len(plan) - 1 else None,
             )
-            for i, d in enumerate(config.depths)
+            for i, (d, (layout, first)) in enumerate(zip(config.depths, plan, strict=True))
         )
         self.readout_norm = nn.LayerNorm(config.embed_dim)
         self.fc_norm = nn.LayerNorm(config.embed_dim)
@@ -199,15 +274,15 @@ class Atlas(nn.Module):
         self.head = nn.Linear(config.embed_dim, config.num_classes) if config.num_classes else nn.Identity()
         self.global_pool = config.global_pool
         self._geometry: dict[tuple, list[BlockGeometry]] = {}
-        # Feature i: scale i after stage i, its last stage (the next one drops it); stride 16 * 4^i.
+        # Atlas: feature i is scale i after stage i, its last stage (the next one drops it); stride 16 * 4^i.
         self.feature_info = [
-            dict(num_chs=config.embed_dim, reduction=config.patch_size * config.pool_stride**i, module=f"stages.{i}")
-            for i in range(num_scales)
+            dict(num_chs=config.embed_dim, reduction=stride, module=f"stages.{stage}")
+            for stage, _, stride in config.feature_sources()
         ]
 
     # -- the forward pass, top to bottom ------------------------------------------------------------
-    def check_input(self, x: torch.Tensor) -> MultiScaleLayout:
-        """Validate a ``(B, C, H, W)`` batch and return its multi-scale layout."""
+    def check_input(self, x: torch.Tensor) -> list[tuple[MultiScaleLayout, int]]:
+        """Validate a ``(B, C, H, W)`` batch and return its stage plan (:meth:`AtlasConfig.stage_plan`)."""
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_chans:
             raise ValueError(
@@ -221,25 +296,29 @@ class Atlas(nn.Module):
                 f"image {size[0]}x{size[1]} is smaller than one {cfg.patch_size}x{cfg.patch_size} patch; "
                 f"both sides must be >= {cfg.patch_size}"
             )
-        layout = cfg.layout_for(size)
-        if layout.num_scales != len(cfg.depths):
+        plan = cfg.stage_plan(size)
+        got = [layout.num_scales - first for layout, first in plan[: len(self.stages)]]
+        built = [len(stage.blocks[0].scales) for stage in self.stages]
+        if got != built:
+            per_stage = cfg.composition == "conv_downsample"
+            got, built = (got, built) if per_stage else (got[0], built[0])
             raise ValueError(
-                f"image {size[0]}x{size[1]} gives {layout.num_scales} scales but this model was built for "
-                f"{len(cfg.depths)} (img_size={cfg.img_size}); feed sizes with {len(cfg.depths)} scales or "
+                f"image {size[0]}x{size[1]} gives {got} scales{' per stage' if per_stage else ''} but this model "
+                f"was built for {built} (img_size={cfg.img_size}); feed sizes with {built} scales or "
                 f"build the model with img_size={size}"
             )
-        return layout
+        return plan
 
-    def geometry(self, layout: MultiScaleLayout, device: torch.device) -> list[BlockGeometry]:
-        """Each stage's :class:`BlockGeometry`, built on ``device`` once per input layout and kept."""
+    def geometry(self, plan: list[tuple[MultiScaleLayout, int]], device: torch.device) -> list[BlockGeometry]:
+        """Each stage's :class:`BlockGeometry` for a stage plan, built on ``device`` once per input size and kept."""
         cfg = self.config
-        key = (layout.token_size, str(device), cfg.routing, cfg.top_down, cfg.attention)
+        key = (plan[0][0].token_size, str(device), cfg.routing, cfg.top_down, cfg.attention)
         if key not in self._geometry:
             if len(self._geometry) >= self.GEOMETRY_CACHE_SIZE:
                 self._geometry.pop(next(iter(self._geometry)))  # the oldest input size
             self._geometry[key] = [
                 BlockGeometry.build(layout, first, cfg.routing, cfg.top_down, device, cfg.attention)
-                for first in range(len(self.stages))
+                for layout, first in plan
             ]
         return self._geometry[key]
 
@@ -253,20 +332,35 @@ class Atlas(nn.Module):
 
         ``num_stages`` runs only the first stages (all by default).
         """
-        layout = self.check_input(x)
+        plan = self.check_input(x)
         stem_bchw = self.stem(x)
-        maps = build_pyramid(image_to_map(stem_bchw), layout)
+        geometry = self.geometry(plan, x.device)
+        maps = build_pyramid(image_to_map(stem_bchw), plan[0][0])
         outputs = []
-        stages, geometry = self.stages[:num_stages], self.geometry(layout, x.device)[:num_stages]
-        for stage, geo in zip(stages, geometry, strict=True):
-            maps = stage(maps, geo)
+        stages = self.stages[:num_stages]
+        for i, stage in enumerate(stages):
+            maps = stage(maps, geometry[i])
             outputs.append(maps)
-            maps = maps[1:]  # progressive scale dropping
+            if i == len(stages) - 1:
+                break
+            if stage.downsample is not None:  # conv down-sampling: the halved finest map, and its scales
+                memory_format = MEMORY_FORMATS[self.stem.resolved_memory_format(x.device)]
+                halved_bchw = stage.downsample(map_to_image(maps[0]), memory_format)
+                maps = build_pyramid(image_to_map(halved_bchw), plan[i + 1][0])
+            else:
+                maps = maps[1:]  # Atlas: progressive scale dropping
         return stem_bchw, outputs
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images -> ``(B, N, C)`` tokens of the coarsest scale after the last stage."""
-        return map_to_tokens(self.forward_stages(x)[1][-1][-1])
+        """Images -> ``(B, N, C)`` readout tokens (:meth:`readout_tokens` of the last stage's maps)."""
+        return self.readout_tokens(self.forward_stages(x)[1][-1])
+
+    def readout_tokens(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        """A stage's maps -> ``(B, N, C)``: the coarsest scale's tokens, or (``readout="all_scales"``) those of
+        every scale, concatenated finest first, so that their mean weighs each token alike (as the released
+        implementation averages the scales it reads out)."""
+        readout_maps = maps if self.config.readout == "all_scales" else maps[-1:]
+        return torch.cat([map_to_tokens(x_map) for x_map in readout_maps], dim=1)
 
     def forward_head(self, tokens_bnc: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """``(B, N, C)`` tokens -> LayerNorm, mean over tokens (``global_pool="avg"``), LayerNorm, (dropout, Linear).
@@ -288,28 +382,33 @@ class Atlas(nn.Module):
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """timm's feature API: the per-scale maps a detection or segmentation head reads.
 
-        Intermediate ``i`` is scale ``i`` after stage ``i`` (the last stage that updates it): ``(B, C, h_i, w_i)``
-        (``output_fmt="NCHW"``) or ``(B, h_i, w_i, C)`` (``"NHWC"``), ``h_i = ceil(H / (16 * 4^i))`` for any input
-        size, padded or not (see ``feature_info``). ``indices``: the last n if an int, all if None, or a list.
-        ``norm`` applies ``readout_norm``. Returns the intermediates, or ``(forward_features(x), intermediates)``.
+        Intermediate ``i`` is feature ``i`` of :meth:`AtlasConfig.feature_sources` (Atlas: scale ``i`` after
+        stage ``i``, the last stage that updates it): ``(B, C, h_i, w_i)`` (``output_fmt="NCHW"``) or
+        ``(B, h_i, w_i, C)`` (``"NHWC"``), ``h_i = ceil(H / stride_i)`` for any input size, padded or not (see
+        ``feature_info``). ``indices``: the last n if an int, all if None, or a list. ``norm`` applies
+        ``readout_norm``. Returns the intermediates, or ``(forward_features(x), intermediates)``.
         """
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        take, max_index = feature_take_indices(len(self.stages), indices)
-        last = max_index if stop_early or intermediates_only else len(self.stages) - 1
+        sources = self.config.feature_sources()
+        take, max_index = feature_take_indices(len(sources), indices)
+        last = sources[max_index][0] if stop_early or intermediates_only else len(self.stages) - 1
         _, outputs = self.forward_stages(x, num_stages=last + 1)
-        features = [self.readout_norm(outputs[i][0]) if norm else outputs[i][0] for i in take]
-        intermediates = [f.permute(0, 3, 1, 2) for f in features] if output_fmt == "NCHW" else features
+        features = [outputs[stage][scale] for stage, scale, _ in (sources[i] for i in take)]
+        features = [self.readout_norm(f) for f in features] if norm else features
+        intermediates = [map_to_image(f) for f in features] if output_fmt == "NCHW" else features
         if intermediates_only:
             return intermediates
-        return map_to_tokens(outputs[-1][-1]), intermediates
+        return self.readout_tokens(outputs[-1]), intermediates
 
     def prune_intermediate_layers(
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
         """Drop the stages after the last feature in ``indices`` (and the classifier): returns the indices kept."""
-        take, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[: max_index + 1]
+        sources = self.config.feature_sources()
+        take, max_index = feature_take_indices(len(sources), indices)
+        self.stages = self.stages[: sources[max_index][0] + 1]
+        self.stages[-1].downsample = None  # nothing follows it now
         if prune_norm:
             self.readout_norm = nn.Identity()
         if prune_head:
@@ -410,7 +509,7 @@ def _create_atlas(variant: str, pretrained: bool = False, **kwargs) -> Atlas:
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(len(config.depths)))),  # every scale
+        feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(len(config.feature_sources())))),  # all
         **kwargs,
     )
     # The data config of the size the model was built for (timm would report the registered one).

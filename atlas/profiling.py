@@ -13,6 +13,8 @@ additions are not counted.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import timm
@@ -57,13 +59,19 @@ def build_model(name: str, img_size: tuple[int, int], num_classes: int = 1000, d
 
 
 def _create_on(device, name: str, **kwargs) -> nn.Module:
+    return build_on(device, partial(timm.create_model, name, **kwargs))
+
+
+def build_on(device, build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()`` with its tensors on ``device``; on the CPU instead where ``device`` is meta and the constructor
+    reads tensor values, which meta tensors do not have ("Cannot copy out of meta tensor", ``.item()``)."""
     try:
         with torch.device(device):
-            return timm.create_model(name, **kwargs)
-    except NotImplementedError:  # "Cannot copy out of meta tensor": the constructor read a tensor's value
+            return build()
+    except (NotImplementedError, RuntimeError):
         if torch.device(device).type != "meta":
             raise
-    return timm.create_model(name, **kwargs)
+    return build()
 
 
 def _stand_in(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -168,6 +168,11 @@ def image_to_map(x_bchw: torch.Tensor) -> torch.Tensor:
     return x_bchw.permute(0, 2, 3, 1)
 
 
+def map_to_image(x_map: torch.Tensor) -> torch.Tensor:
+    """``(B, h, w, C)`` token map -> ``(B, C, h, w)`` feature map (a view)."""
+    return x_map.permute(0, 3, 1, 2)
+
+
 def build_pyramid(x_map: torch.Tensor, layout: MultiScaleLayout) -> list[torch.Tensor]:
     """Scale 0 is the input ``(B, h, w, C)`` map; each next scale max-pools the previous one."""
     maps = [x_map]

@@ -85,7 +85,7 @@ class Downsample(nn.Module):
 
     def __init__(self, in_chans: int, out_chans: int, stride: int):
         super().__init__()
-        self.norm = LayerNorm2d(in_chans, eps=1e-5)
+        self.norm = LayerNorm2d(in_chans)  # eps 1e-6, as the released stem
         self.conv = conv3x3(in_chans, out_chans, stride, bias=False)
 
     def forward(self, x: torch.Tensor, memory_format: torch.memory_format = torch.channels_last) -> torch.Tensor:

@@ -14,6 +14,7 @@ same view as an interactive ipywidgets explorer (pick block, scale, head and que
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import re
@@ -286,7 +287,10 @@ class AttentionExplorer:
         )
         self.row, self.col = widgets.IntSlider(description="query row"), widgets.IntSlider(description="query col")
         self.grid = widgets.GridBox()
-        self.view = widgets.Image(format="png")  # the figure as a picture: no output capture involved
+        # The figure as a picture (no output capture involved), at its own size: never stretched to the output width.
+        self.view = widgets.Image(
+            format="png", layout=widgets.Layout(width="auto", max_width="100%", object_fit="contain")
+        )
         prediction = widgets.Label(f"prediction: {name} ({float(probs[label]):.0%})")
         self.widget = widgets.VBox(
             [
@@ -348,7 +352,8 @@ class AttentionExplorer:
         for r in rows:
             for c in cols:
                 cell = widgets.Button(
-                    tooltip=f"token ({r}, {c})", layout=widgets.Layout(width=f"{side}px", height=f"{side}px")
+                    tooltip=f"token ({r}, {c})",
+                    layout=widgets.Layout(width=f"{side}px", height=f"{side}px", margin="0px", padding="0px"),
                 )
                 cell.style.button_color = "#{:02x}{:02x}{:02x}".format(*(colors[r, c] * 255).round().astype(int))
                 cell.on_click(lambda _, token=(r, c): self.select(token))
@@ -376,6 +381,8 @@ class AttentionExplorer:
             f"attention explorer: {len(self.block.options)} blocks, {self.maps.layout.num_scales} scales, "
             f"{len(self.head.options) - 1} heads (an interactive widget: run the notebook in Jupyter to use it)"
         )
+        # A static picture of the current view, for where widgets cannot run (GitHub, nbviewer, a stored notebook).
+        bundle["image/png"] = base64.b64encode(self.view.value).decode("ascii")
         return bundle
 
 
@@ -386,3 +393,175 @@ def _set_options(control, options: list[tuple[str, object]]) -> None:
     values, value = [v for _, v in options], control.value
     control.options = options
     control.value = value if value in values else values[0]
+
+
+@dataclass(frozen=True)
+class BlockStep:
+    """One step of an MSA block on one scale, for :func:`plot_msa_block`: what it does and its tensor shapes."""
+
+    phase: str  # "position", "summarise", "top-down" or "bottom-up"
+    scale: int  # the scale it updates, 1-based as in the paper (scale 1 is the finest)
+    what: str  # a few words
+    shapes: str  # the tensors it reads and writes, e.g. "q (B, 64, 256, C), kv (B, 64, 576, 2C)"
+
+
+def _dims(*values) -> str:
+    return "(" + ", ".join(str(v) for v in values) + ")"
+
+
+def msa_block_steps(
+    layout: MultiScaleLayout, first: int = 0, top_down: bool = True, bottom_up: bool = True, dim="C", batch="B"
+) -> list[BlockStep]:
+    """The steps of one MSA block over the active scales ``first ..`` of ``layout``, in the order it runs them.
+
+    position (every scale) -> summarise (scale l into l+1, finest first) -> top-down (coarsest to finest) ->
+    bottom-up (scale 2 to L of the active ones). Top-down queries are ``(B, nW_l, T_l, C)`` windows and read
+    ``T_l + sum_m T_m`` keys (their own window and, with ``top_down``, the window containing it at every coarser
+    scale); bottom-up queries are the ``(k/s)^2`` tokens of scale l that summarise one window of scale l-1 and
+    read that window. ``dim`` and ``batch`` are printed as given (a name or a number).
+    """
+    scales = list(layout.scales[first:])
+    two_c = f"2{dim}" if isinstance(dim, str) else 2 * dim
+    steps = [
+        BlockStep(
+            "position",
+            sc.index + 1,
+            f"+ position table {_dims(*sc.window, dim)}",
+            f"map {_dims(batch, *sc.size, dim)}",
+        )
+        for sc in scales
+    ]
+    for fine, coarse in zip(scales, scales[1:], strict=False):
+        steps.append(
+            BlockStep(
+                "summarise",
+                coarse.index + 1,
+                f"+= maxpool{layout.pool_stride}(scale {fine.index + 1})",
+                f"{_dims(batch, *fine.size, dim)} -> {_dims(batch, *coarse.size, dim)}",
+            )
+        )
+    for l in reversed(range(len(scales))):
+        sc = scales[l]
+        coarser = scales[l + 1 :] if top_down else []
+        keys = sc.tokens_per_window + sum(m.tokens_per_window for m in coarser)
+        reads = " + ".join([f"own {sc.tokens_per_window}"] + [f"s{m.index + 1} {m.tokens_per_window}" for m in coarser])
+        steps.append(
+            BlockStep(
+                "top-down",
+                sc.index + 1,
+                f"windows read {reads} keys",
+                f"q {_dims(batch, sc.num_windows, sc.tokens_per_window, dim)}, "
+                f"kv {_dims(batch, sc.num_windows, keys, two_c)}",
+            )
+        )
+    if bottom_up:
+        side = scales[0].window[0] // layout.pool_stride
+        for finer, sc in zip(scales, scales[1:], strict=False):
+            steps.append(
+                BlockStep(
+                    "bottom-up",
+                    sc.index + 1,
+                    f"{side}x{side} tokens read the scale-{finer.index + 1} window",
+                    f"q {_dims(batch, finer.num_windows, side * side, dim)}, "
+                    f"kv {_dims(batch, finer.num_windows, finer.tokens_per_window, two_c)}",
+                )
+            )
+    return steps
+
+
+PHASE_COLORS = {"position": "#d9d9d9", "summarise": "#fdd0a2", "top-down": "#c6dbef", "bottom-up": "#c7e9c0"}
+
+
+def plot_msa_block(layout: MultiScaleLayout, first: int = 0, top_down: bool = True, bottom_up: bool = True, dim="C"):
+    """ "An MSA block at a glance": one column per phase, one box per step with its tensor shapes (a figure).
+
+    The boxes are :func:`msa_block_steps`, top to bottom in the order the block runs them; an arrow joins
+    each step to the next. The title gives the image layout (token grid, ``k``, ``s``).
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+    steps = msa_block_steps(layout, first, top_down, bottom_up, dim)
+    phases = [p for p in PHASE_COLORS if any(s.phase == p for s in steps)]
+    rows = max(sum(s.phase == p for s in steps) for p in phases)
+    width, height, gap_x, gap_y = 4.6, 1.0, 0.5, 0.45
+    fig, ax = plt.subplots(figsize=(len(phases) * (width + gap_x) * 0.78, 1.2 + rows * (height + gap_y) * 0.78))
+    centres, row_of = [], dict.fromkeys(phases, 0)
+    for step in steps:
+        col, row = phases.index(step.phase), row_of[step.phase]
+        row_of[step.phase] += 1
+        x, y = col * (width + gap_x), -row * (height + gap_y)
+        ax.add_patch(
+            FancyBboxPatch(
+                (x, y - height), width, height, boxstyle="round,pad=0.05", facecolor=PHASE_COLORS[step.phase]
+            )
+        )
+        ax.text(x + width / 2, y - 0.3 * height, f"scale {step.scale}: {step.what}", ha="center", va="center", size=8)
+        ax.text(x + width / 2, y - 0.7 * height, step.shapes, ha="center", va="center", size=8, family="monospace")
+        centres.append((x, y, col))
+    for (x0, y0, c0), (x1, y1, c1) in zip(centres, centres[1:], strict=False):
+        start, end = ((x0 + width / 2, y0 - height - 0.05), (x1 + width / 2, y1 + 0.05))
+        if c1 != c0:
+            start, end = (x0 + width + 0.05, y0 - height / 2), (x1 - 0.05, y1 - height / 2)
+        ax.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=10, color="0.3"))
+    for col, phase in enumerate(phases):
+        ax.text(col * (width + gap_x) + width / 2, 0.35, phase, ha="center", va="bottom", size=11, weight="bold")
+    ax.set_xlim(-0.2, len(phases) * (width + gap_x) - gap_x + 0.2)
+    ax.set_ylim(-rows * (height + gap_y) + gap_y - 0.2, 0.9)
+    ax.set_axis_off()
+    sc = layout.scales[first]
+    ax.set_title(
+        f"one MSA block on a {sc.size[0]}x{sc.size[1]}-token grid: k = {layout.window_size}, "
+        f"s = {layout.pool_stride}, {layout.num_scales - first} scales (B: batch, C: channels)",
+        size=10,
+    )
+    fig.tight_layout()
+    return fig
+
+
+def query_reads(layout: MultiScaleLayout, query: tuple[int, int], routing: str = "containing") -> dict[int, np.ndarray]:
+    """The keys a token of scale 0 reads in top-down, per key scale: ``{scale: (h, w) bool}`` over real tokens.
+
+    Its own window at scale 0 and, at every coarser scale, the window :class:`atlas.msa.BlockGeometry` routes its
+    window to (``routing`` as in :meth:`MultiScaleLayout.containing_windows`).
+    """
+    from .msa import BlockGeometry
+
+    geo = BlockGeometry.build(layout, 0, routing, top_down=True)
+    fine = layout.scales[0]
+    window = (query[0] // fine.window[0]) * fine.grid[1] + query[1] // fine.window[1]
+    reads = {}
+    for m, sc in enumerate(layout.scales):
+        w = window if m == 0 else int(geo.top_down_windows[0, m][window])
+        r, c = divmod(w, sc.grid[1])
+        grid = np.zeros(sc.size, dtype=bool)
+        grid[r * sc.window[0] : (r + 1) * sc.window[0], c * sc.window[1] : (c + 1) * sc.window[1]] = True
+        reads[m] = grid
+    return reads
+
+
+def plot_query_reads(image: np.ndarray, layout: MultiScaleLayout, query: tuple[int, int], routing: str = "containing"):
+    """One panel per scale: the image, darkened except where the keys of :func:`query_reads` lie (a figure)."""
+    import matplotlib.pyplot as plt
+
+    reads = query_reads(layout, query, routing)
+    size = image.shape[:2]
+    fig, axes = plt.subplots(1, len(reads), figsize=(4 * len(reads), 4.3), squeeze=False)
+    fine = layout.scales[0]
+    tok = (size[0] / fine.size[0], size[1] / fine.size[1])
+    for (m, grid), ax in zip(reads.items(), axes[0], strict=True):
+        sc = layout.scales[m]
+        shade = upsample_to(grid.astype(np.float32), size)[..., None]
+        ax.imshow(image * (0.25 + 0.75 * shade))
+        draw_windows(ax, layout, size, m, linewidth=0.5)
+        ax.add_patch(
+            plt.Rectangle(
+                (query[1] * tok[1] - 0.5, query[0] * tok[0] - 0.5), tok[1], tok[0], fill=False, color="cyan", lw=2
+            )
+        )
+        ax.set_title(f"scale {m + 1}: {int(grid.sum())} of {sc.num_tokens} tokens", size=10)
+        ax.set_axis_off()
+    keys = sum(int(g.sum()) for g in reads.values())
+    fig.suptitle(f"the keys of fine token {query}: {keys} of {sum(s.num_tokens for s in layout.scales)} tokens")
+    fig.tight_layout()
+    return fig

@@ -1,9 +1,15 @@
-"""Speed, memory and FLOPs of Atlas and timm models at several image sizes.
+"""Speed, memory and FLOPs of Atlas, the paper's baselines and timm models at several image sizes.
 
     python scripts/benchmark.py --models atlas_base_patch16 vit_base_patch16_224 --sizes 512 1024 \\
         --baseline vit_base_patch16_224 --csv results/benchmark.csv
     python scripts/benchmark.py --models atlas_base_patch16 vit_base_patch16_224 \\
         --sizes 256 512 1024 2048 4096 --flops-only
+    python scripts/benchmark.py --configs scripts/configs/table3_*.yaml --baseline table3_msa --batch-size 8 \\
+        --dtype bf16   # Table 3's runtime column, every block side by side
+
+``--configs`` builds each config's model as scripts/train.py does (its kwargs, its classes) at the config's
+image size, named by the config file; ``--models`` takes timm names (the baselines of scripts/baselines
+included) at every ``--sizes``.
 
 For every model and size it reports the parameters and the forward FLOPs per image (counted on the meta
 device, so even 4096px costs nothing; for Atlas models also the convolutional stem's share), then, unless
@@ -26,13 +32,16 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import torch
+import train
+from trainlib.config import ConfigError, load_config
 
 import atlas  # noqa: F401  (registers the Atlas models with timm)
 from atlas.model import Atlas
-from atlas.profiling import atlas_flops_breakdown, build_model, check_model_name, count_flops
+from atlas.profiling import atlas_flops_breakdown, build_model, build_on, check_model_name, count_flops
 
 MIB = 2**20
 PROC_STATUS = Path("/proc/self/status")
@@ -61,8 +70,9 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["atlas_base_patch16", "vit_base_patch16_224"])
+    parser.add_argument("--models", nargs="+", help="timm names (default without --configs: Atlas-B and ViT-B/16)")
     parser.add_argument("--sizes", nargs="+", type=parse_size, default=[(1024, 1024)], help="256 or HxW")
+    parser.add_argument("--configs", nargs="+", type=Path, default=[], help="training configs, each at its size")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 runs under autocast")
@@ -92,16 +102,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="N",
         help="time an N x N x N matrix product as the device's reference FLOP rate (0: skip)",
     )
-    parser.add_argument("--baseline", help="also print every model's speed-up over this one (one of --models)")
+    parser.add_argument(
+        "--baseline",
+        help="also print every model's speed-up over this one (a --models name or a --configs file's name)",
+    )
     parser.add_argument("--csv", type=Path, help="write the table to this CSV file")
     args = parser.parse_args(argv)
+    if args.models is None:
+        args.models = [] if args.configs else ["atlas_base_patch16", "vit_base_patch16_224"]
     for name in args.models:
         try:
             check_model_name(name)
         except ValueError as error:
             parser.error(str(error))
-    if args.baseline is not None and args.baseline not in args.models:
-        parser.error(f"--baseline {args.baseline!r} must be one of --models {args.models}")
+    try:
+        args.configs = {path.stem: load_config(path) for path in args.configs}
+    except ConfigError as error:
+        parser.error(str(error))
+    names = [*args.models, *args.configs]
+    if args.baseline is not None and args.baseline not in names:
+        parser.error(f"--baseline {args.baseline!r} must be one of --models or a --configs file's name {names}")
     if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
         parser.error("--batch-size, --repeats and --threads must be >= 1, --warmup >= 0")
     if args.matmul_size < 0:
@@ -272,11 +292,26 @@ def profile_table(run: Callable[[], None], device: torch.device, rows: int) -> s
 
 
 # -- one model at one size -------------------------------------------------------------------------------
-def flops_row(name: str, size: tuple[int, int], args: argparse.Namespace) -> dict:
+Builder = Callable[..., torch.nn.Module]  # build(device=...) -> the model, on that device
+
+
+def model_builders(args: argparse.Namespace) -> list[tuple[str, tuple[int, int], Builder]]:
+    """(name, size, build) of every --models name at every --sizes, then of every --configs file at its size
+    (its model as scripts/train.py builds it; on the CPU where the meta device cannot build it)."""
+    builders = [
+        (name, size, partial(build_model, name, size, args.num_classes)) for name in args.models for size in args.sizes
+    ]
+    for name, cfg in args.configs.items():
+        build = partial(build_on, build=partial(train.build_model, cfg))
+        builders.append((name, (cfg.model.img_size, cfg.model.img_size), build))
+    return builders
+
+
+def flops_row(name: str, size: tuple[int, int], build: Builder) -> dict:
     """Parameters and FLOPs per image, counted on the meta device: forward (Atlas: with the stem's share) and
     forward+backward."""
     try:
-        model = build_model(name, size, args.num_classes, device="meta")
+        model = build(device="meta")
         shape = (1, 3, *size)
         if isinstance(model, Atlas):
             parts = atlas_flops_breakdown(model, shape)
@@ -299,10 +334,10 @@ def flops_row(name: str, size: tuple[int, int], args: argparse.Namespace) -> dic
     }
 
 
-def timing_row(name: str, size: tuple[int, int], args: argparse.Namespace) -> dict:
+def timing_row(size: tuple[int, int], build: Builder, args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = build_model(name, size, args.num_classes, device=device)
+    model = build(device=device)
     images = torch.randn(args.batch_size, 3, *size, device=device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -356,7 +391,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "torch": torch.__version__,
     }
     # FLOPs first: cheap, and it rejects sizes a model cannot take before any long timing run starts.
-    rows = [{**setting, **flops_row(name, size, args)} for name in args.models for size in args.sizes]
+    builders = model_builders(args)
+    rows = [{**setting, **flops_row(name, size, build)} for name, size, build in builders]
     for name in sorted({row["model"] for row in rows if row.pop("built_on") != "meta"}):
         print(f"note: {name} cannot be constructed on the meta device; built on the CPU, its FLOPs counted on meta")
     load_before = os.getloadavg()[0]
@@ -366,9 +402,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             n = args.matmul_size
             print(f"timing a {n}x{n}x{n} {args.dtype} matrix product ...", flush=True)
             matmul = matmul_gflop_s(n, args)
-        for row in rows:
+        for row, (_, size, build) in zip(rows, builders, strict=True):
             print(f"timing {row['model']} at {row['height']}x{row['width']} ...", flush=True)
-            row.update(timing_row(row["model"], (row["height"], row["width"]), args))
+            row.update(timing_row(size, build, args))
             add_flop_rates(row, matmul)
     columns = [c for c in COLUMNS if any(c in row for row in rows)]
     print(format_table(rows, [c for c in columns if c not in ("torch", "threads", "memory_method")]))

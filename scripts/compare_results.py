@@ -2,10 +2,15 @@
 
     python scripts/compare_results.py runs/table1_atlas_b16_1024 runs/table1_vit_b16_1024
     python scripts/compare_results.py runs/*/metrics.jsonl --all
+    python scripts/compare_results.py --params
 
 Each run is an output folder of scripts/train.py (or its metrics.jsonl). The run's config keys paper_table and
 paper_row place it in a table of scripts/data/paper_results.yaml; runs without them are listed at the end.
 The paper's runtimes come from one node of 8x H100: compare runtimes only on the same hardware.
+
+``--params`` builds the model of every Table 1-3 config (on the meta device: no memory) and prints its
+parameter count at the config's size, where the config leaves the architecture as its authors define it also
+at their setting (224px, 1000 classes) next to the count they report, and where the model's code comes from.
 """
 
 from __future__ import annotations
@@ -14,11 +19,25 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import yaml
 
-PAPER = Path(__file__).resolve().parent / "data" / "paper_results.yaml"
+SCRIPTS = Path(__file__).resolve().parent
+PAPER = SCRIPTS / "data" / "paper_results.yaml"
+CONFIGS = SCRIPTS / "configs"
+
+# model.name -> (millions of parameters its authors report at 224px with 1000 classes, where they report it)
+AUTHORS_PARAMS_M = {
+    "vit_base_patch16_224": (86.0, "ViT-B/16: Dosovitskiy et al. 2021, Table 1"),
+    "swin_base_patch4_window7_224": (88.0, "Swin-B: Liu et al. 2021, Table 1"),
+    "convnext_base": (89.0, "ConvNeXt-B: Liu et al. 2022, Table 1"),
+    # the README's number; its package's FasterViT-4 (faster_vit_4_224 as the any-resolution one) has 365.6M
+    "fastervit/faster_vit_4_any_res": (424.6, "FasterViT-4: NVlabs/FasterViT README"),
+    "mambavision_base": (97.7, "MambaVision-B: NVlabs/MambaVision README"),
+    "mambavision_small": (50.1, "MambaVision-S: NVlabs/MambaVision README"),
+}
 
 
 @dataclass
@@ -107,12 +126,67 @@ def table_lines(title: str, unit: str, rows: list[dict], runs: list[Run]) -> lis
     return lines + ([""] if shown else [])
 
 
+def code_source(name: str) -> str:
+    """Where the code of model ``name`` comes from: this repository, a peer's optional package, or timm."""
+    import baselines  # here, not at the top: reading runs needs neither torch nor timm
+    import timm
+
+    package = name.partition("/")[0]
+    if package in baselines.OPTIONAL_PACKAGES:
+        return f"authors' code, optional: {baselines.OPTIONAL_PACKAGES[package][0]}"
+    module = timm.models.model_entrypoint(name).__module__
+    if module.startswith("baselines."):
+        return f"own implementation (scripts/{module.replace('.', '/')}.py)"
+    return "Atlas (this repository)" if module.startswith("atlas.") else "timm"
+
+
+def params_lines() -> list[str]:
+    """A markdown table: every Table 1-3 config's model, its parameter count and what its authors report."""
+    import baselines
+    import train  # builds the models as training does
+    from trainlib.config import load_config
+
+    from atlas.profiling import build_on
+
+    def millions(cfg) -> str:
+        try:
+            model = build_on("meta", partial(train.build_model, cfg))
+            return f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}"
+        except train.TrainingError:
+            if cfg.model.name.partition("/")[0] not in baselines.OPTIONAL_PACKAGES:
+                raise
+            return "not installed"
+
+    lines = [
+        "| config | table, row | model | code | params (M) | at 224px, 1000 classes (M) | authors (M) | source |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for path in sorted(CONFIGS.glob("table[123]_*.yaml")):
+        cfg = load_config(path)
+        authors, source = AUTHORS_PARAMS_M.get(cfg.model.name, (None, "")) if not cfg.model.kwargs else (None, "")
+        at_224 = (
+            "-" if authors is None else millions(load_config(path, ["model.img_size=224", "data.num_classes=1000"]))
+        )
+        lines.append(
+            f"| {path.name} | {cfg.paper_table}, {cfg.paper_row} | {cfg.model.name} | {code_source(cfg.model.name)} "
+            f"| {millions(cfg)} | {at_224} | {fmt(authors, 1)} | {source} |"
+        )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", type=Path, help="run output folders or metrics.jsonl files")
+    parser.add_argument("runs", nargs="*", type=Path, help="run output folders or metrics.jsonl files")
     parser.add_argument("--paper", type=Path, default=PAPER, help="the paper's numbers (YAML)")
     parser.add_argument("--all", action="store_true", help="also print the tables that no run reproduces")
+    parser.add_argument("--params", action="store_true", help="print the parameter counts of the Table 1-3 models")
     args = parser.parse_args(argv)
+    if not args.runs and not args.params:
+        parser.error("give run folders (or metrics.jsonl files), --params, or both")
+    if args.params:
+        print("\n".join(["## Parameters of the Table 1-3 models", "", *params_lines(), ""]))
+    if not args.runs:
+        return 0
 
     paper = yaml.safe_load(args.paper.read_text())
     runs = [read_run(path) for path in args.runs]

@@ -1,8 +1,9 @@
 """Train Atlas, or any timm model, for image classification: the paper's recipe, on one or many GPUs.
 
     python scripts/train.py --config scripts/configs/tiny_cpu_synthetic.yaml              # one process
-    torchrun --standalone --nproc_per_node=8 scripts/train.py \\
+    python scripts/train.py --nproc-per-node 8 \\
         --config scripts/configs/table1_atlas_b16_1024.yaml --set data.root=/data/hr-in100  # one node
+    torchrun --standalone --nproc_per_node=8 scripts/train.py --config ...                  # the same
     sbatch scripts/slurm/train_2nodes.sbatch                                                # several nodes
 
 `--set section.key=value` overrides a config key (the value is read as YAML); `--resume auto` continues from
@@ -20,13 +21,17 @@ import os
 import random
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import baselines  # registers the baselines of Tables 1-3 with timm (scripts/baselines)
 import numpy as np
 import timm
 import torch
@@ -40,7 +45,7 @@ from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 from trainlib import checkpoint as ckpt
 from trainlib.config import Config, ConfigError, all_keys, load_config, to_dict
@@ -100,7 +105,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="override config keys, e.g. --set optimizer.lr=1e-3 train.batch_size=16",
     )
     parser.add_argument("--resume", help="a checkpoint to continue from, or 'auto' for output_dir/last.pt if present")
+    parser.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=1,
+        metavar="N",
+        help="start N training processes on this machine (one per GPU), as torchrun --standalone would",
+    )
     return parser.parse_args(argv)
+
+
+def launch_local(nproc: int, argv: list[str]) -> int:
+    """``--nproc-per-node N``: N processes of this script on this machine; returns the job's exit status.
+
+    Each worker gets the environment torchrun gives it (RANK, WORLD_SIZE, MASTER_ADDR, ...). Rank 0 reports an
+    error in one line and nothing is added to it (torchrun appends its own report of the failed child). SIGTERM
+    and SIGUSR1 are passed on, so that the workers save and exit with PREEMPTED; when one worker fails, the
+    others are stopped after a few seconds (they may be waiting for it in a collective).
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    job = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc))
+    workers = [
+        subprocess.Popen(
+            [sys.executable, __file__, *argv], env={**os.environ, **job, "RANK": str(r), "LOCAL_RANK": str(r)}
+        )
+        for r in range(nproc)
+    ]
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, frame: [w.send_signal(signum) for w in workers if w.poll() is None])
+    failed_at = None
+    while any(w.poll() is None for w in workers):
+        if failed_at is None and any(w.returncode for w in workers):
+            failed_at = time.time()
+        if failed_at is not None and time.time() - failed_at > 5:
+            for w in workers:
+                if w.poll() is None:
+                    w.terminate()
+        time.sleep(0.2)
+    exits = [w.returncode for w in workers]
+    own = [code for code in exits if code > 0]  # a worker's own exit status; negative: stopped by a signal
+    killed = [128 - code for code in exits if code < 0]
+    return (own or killed or [0])[0]
 
 
 # -- building blocks ---------------------------------------------------------------------------------------
@@ -172,20 +219,21 @@ def load_dataset(cfg: Config, split: str, transform):
 
 
 def build_model(cfg: Config) -> nn.Module:
-    """A timm model (Atlas included) at cfg.model.img_size, or FasterViT through the optional fastervit package."""
+    """A timm model (Atlas and scripts/baselines included) at cfg.model.img_size, or <package>/<name> of an
+    optional package (baselines.OPTIONAL_PACKAGES: fastervit, mambavision)."""
     m = cfg.model
     kwargs = dict(num_classes=cfg.data.num_classes, drop_path_rate=m.drop_path_rate, **m.kwargs)
-    if m.name.startswith("fastervit/"):
+    if m.name.partition("/")[0] in baselines.OPTIONAL_PACKAGES:
         try:
-            import fastervit
-        except ImportError:
-            raise TrainingError(f"model {m.name} needs the optional package fastervit: pip install fastervit") from None
-        return fastervit.create_model(m.name.removeprefix("fastervit/"), resolution=[m.img_size] * 2, **kwargs)
+            return baselines.create_optional(m.name, m.img_size, **kwargs)
+        except (ImportError, ValueError) as e:
+            raise TrainingError(str(e)) from None
     if not timm.is_model(m.name):
         close = difflib.get_close_matches(m.name, timm.list_models(), n=3)
+        packages = ", ".join(f"{p}/<name>" for p in baselines.OPTIONAL_PACKAGES)
         raise TrainingError(
             f"unknown model {m.name!r}; expected a timm model name (closest: {', '.join(close) or 'none'}) "
-            f"or fastervit/<name>. Atlas models: {', '.join(timm.list_models('atlas*'))}"
+            f"or {packages}. Atlas models: {', '.join(timm.list_models('atlas*'))}"
         )
     try:
         try:
@@ -281,58 +329,114 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# -- the run -----------------------------------------------------------------------------------------------
+# -- the run, step by step ---------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    cfg = load_config(args.config, [kv for group in args.overrides for kv in group])
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    master = rank == 0
-    log = partial(print, flush=True) if master else (lambda *a, **k: None)
-    out_dir = Path(cfg.output_dir)
-    bs, accum, epochs = cfg.train.batch_size, cfg.train.grad_accum, cfg.schedule.epochs
-    if cfg.train.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = not cfg.train.deterministic
+@dataclass
+class Optimization:
+    """AdamW (no weight decay on norms and biases), its per-step schedule, the loss, mixup, mixed precision."""
 
-    if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
-        raise TrainingError("logging.wandb is true but wandb is not installed: pip install wandb")
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loss_fn: nn.Module
+    mixup: Mixup | None
+    autocast: Callable
+    scaler: torch.amp.GradScaler | None
+    lr: float  # the peak learning rate, scaled to the global batch
+    global_batch: int
 
-    # Data first, so that a wrong path or layout fails before any work starts.
-    fast = cfg.data.pipeline == "fast"
-    train_tf, val_tf = build_transforms(cfg)
-    train_set, val_set = load_dataset(cfg, "train", train_tf), load_dataset(cfg, "val", val_tf)
-    train_sampler = ResumableSampler(len(train_set), rank, world, cfg.seed)
-    steps_per_epoch = train_sampler.per_rank // bs // accum
-    if steps_per_epoch == 0:
-        raise TrainingError(
-            f"{len(train_set)} training images are fewer than one optimizer step needs "
-            f"(batch_size {bs} x {world} processes x grad_accum {accum})"
-        )
-    resume = None
-    if args.resume == "auto":
-        resume = out_dir / "last.pt" if (out_dir / "last.pt").exists() else None
-    elif args.resume:
-        resume = Path(args.resume)
-        if not resume.is_file():
+
+@dataclass
+class Data:
+    train_set: Dataset
+    val_set: Dataset
+    sampler: ResumableSampler
+    train_loader: DataLoader
+    val_loader: DataLoader
+    train_stage: DeviceStage | None  # the fast pipeline's resize and normalise on the device (None: exact)
+    val_stage: DeviceStage | None
+    steps_per_epoch: int
+
+
+@dataclass
+class Run:
+    """One training process: its place in the job, the model, optimisation, data and logs, and where it stands."""
+
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    out_dir: Path
+    resume: Path | None
+    state: dict | None  # the checkpoint resumed from
+    raw_model: nn.Module
+    model: nn.Module  # raw_model, wrapped by DDP and torch.compile where configured
+    ema: ModelEmaV3 | None
+    opt: Optimization
+    data: Data
+    logger: MetricsLogger | None = None
+    epoch: int = 0  # where training continues: epoch, step in it, optimizer steps so far
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best_top1: float = -1.0
+    run_clock: float = 0.0  # when this run's training time started, counting the time of the runs it resumes
+    last_save: float = 0.0  # when last.pt was last written (checkpoint.every_minutes counts from it)
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def log(self, *args) -> None:
+        if self.master:
+            print(*args, flush=True)
+
+
+@dataclass
+class EpochProgress:
+    """The running sums of one epoch; ``prior_*`` come from the run it resumes, in the middle of the epoch."""
+
+    prior_loss: float = 0.0
+    prior_steps: int = 0
+    loss_sum: float = 0.0
+    steps: int = 0
+    images: int = 0
+    skipped: int = 0
+    stop: bool = False  # debug.max_steps reached
+    mid_epoch: bool = False  # stopped before the epoch's last step
+    seconds: float = 0.0
+
+    def saved(self) -> dict:
+        return dict(loss_sum=self.prior_loss + self.loss_sum, steps=self.prior_steps + self.steps)
+
+    def mean_loss(self) -> float:
+        return (self.prior_loss + self.loss_sum) / (self.prior_steps + self.steps)
+
+
+def find_resume(resume: str | None, out_dir: Path) -> Path | None:
+    """The checkpoint to continue from: ``--resume PATH``, ``--resume auto`` (last.pt if there), or none."""
+    if resume == "auto":
+        return out_dir / "last.pt" if (out_dir / "last.pt").exists() else None
+    if resume:
+        if not Path(resume).is_file():
             raise TrainingError(f"--resume {resume}: no such checkpoint (pass a last.pt path or 'auto')")
-    elif (out_dir / "last.pt").exists():
+        return Path(resume)
+    if (out_dir / "last.pt").exists():
         raise TrainingError(
             f"{out_dir} already holds a run (last.pt): pass --resume auto to continue it, or choose another output_dir"
         )
+    return None
 
-    device = setup_distributed(cfg.train.device, rank, world)
-    cuda = device.type == "cuda"
 
-    # Model: identical initial weights on every rank; SyncBatchNorm (the Atlas stem) on several GPUs.
+def build_training_model(cfg: Config, device: torch.device, world: int, resume: Path | None):
+    """(raw model, model to train, EMA, resumed state): identical initial weights on every rank, SyncBatchNorm
+    on several GPUs, the checkpoint's weights when resuming, DDP and torch.compile where configured."""
     torch.manual_seed(cfg.seed)
     raw_model = build_model(cfg)
     if cfg.train.grad_checkpointing:
         if not hasattr(raw_model, "set_grad_checkpointing"):
             raise TrainingError(f"{cfg.model.name} has no set_grad_checkpointing(); set train.grad_checkpointing=false")
         raw_model.set_grad_checkpointing(True)
+    cuda = device.type == "cuda"
     if cuda and world > 1 and cfg.train.sync_bn:
         raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
     state = None
@@ -342,7 +446,6 @@ def main(argv: list[str] | None = None) -> None:
             ckpt.check_training_state(state, raw_model, resume)
         except ValueError as e:
             raise TrainingError(str(e)) from None
-    if state:
         raw_model.load_state_dict(state["model"])
     raw_model.to(device)
     if cfg.train.channels_last:
@@ -351,9 +454,11 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.train.compile:
         model = torch.compile(model)
     ema = ModelEmaV3(raw_model, decay=cfg.train.ema_decay) if cfg.train.ema else None
+    return raw_model, model, ema, state
 
-    # Optimizer (AdamW, no weight decay on norms and biases), per-step schedule, loss, mixed precision.
-    global_batch = bs * world * accum
+
+def build_optimization(cfg: Config, raw_model: nn.Module, steps_per_epoch: int, world: int, device) -> Optimization:
+    global_batch = cfg.train.batch_size * world * cfg.train.grad_accum
     ref_batch = cfg.optimizer.ref_batch_size
     lr = cfg.optimizer.lr * global_batch / ref_batch if ref_batch else cfg.optimizer.lr
     optimizer = create_optimizer_v2(
@@ -367,7 +472,7 @@ def main(argv: list[str] | None = None) -> None:
     s = cfg.schedule
     warmup_steps = round(s.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_schedule(lr, s.warmup_lr, s.min_lr, warmup_steps, epochs * steps_per_epoch)
+        optimizer, lr_schedule(lr, s.warmup_lr, s.min_lr, warmup_steps, s.epochs * steps_per_epoch)
     )
     a = cfg.aug
     mixup = None
@@ -382,56 +487,115 @@ def main(argv: list[str] | None = None) -> None:
             num_classes=cfg.data.num_classes,
         )
     loss_fn = SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=a.label_smoothing)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp) if cuda else None
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp) if device.type == "cuda" else None
     autocast = partial(torch.autocast, "cuda", dtype=amp_dtype) if amp_dtype else nullcontext
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    return Optimization(optimizer, scheduler, loss_fn, mixup, autocast, scaler, lr, global_batch)
 
-    # Resume: everything an uninterrupted run would have at this point, data position included.
-    start_epoch, start_step, global_step, best_top1, elapsed = 0, 0, 0, -1.0, 0.0
-    if state:
-        if state["global_batch"] != global_batch:
-            raise TrainingError(
-                f"{resume} was written with a global batch of {state['global_batch']}, this run has "
-                f"{global_batch} (batch_size x processes x grad_accum); resume with the same global batch"
-            )
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state["scaler"] is not None:
-            scaler.load_state_dict(state["scaler"])
-        if ema is not None and state["ema"] is not None:
-            ema.load_state_dict(state["ema"])
-        start_epoch, start_step, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
-        best_top1, elapsed = state["best_top1"], state["elapsed_s"]
 
-    # Data loaders: the training order comes from the resumable sampler, validation is sharded by rank.
-    workers = cfg.data.workers
-    resamples = hasattr(train_set, "set_epoch")  # a dataset that draws new samples every epoch
+def build_data(cfg: Config, train_set, val_set, sampler, steps_per_epoch, rank, world, device) -> Data:
+    """Loaders: the training order from the resumable sampler, validation sharded by rank."""
+    fast, workers, cuda = cfg.data.pipeline == "fast", cfg.data.workers, device.type == "cuda"
     loader_args = dict(
         num_workers=workers,
         pin_memory=cuda,
         collate_fn=collate_crops if fast else collate_skip_unreadable,
-        persistent_workers=workers > 0 and not resamples,  # persistent workers would keep epoch 0's copy
+        # persistent workers would keep epoch 0's copy of a dataset that draws new samples every epoch
+        persistent_workers=workers > 0 and not hasattr(train_set, "set_epoch"),
         generator=torch.Generator().manual_seed(cfg.seed),
     )
-    train_loader = DataLoader(SeededSamples(train_set), bs, sampler=train_sampler, drop_last=True, **loader_args)
+    bs = cfg.train.batch_size
+    train_loader = DataLoader(SeededSamples(train_set), bs, sampler=sampler, drop_last=True, **loader_args)
     val_shard = Subset(val_set, range(rank, len(val_set), world))
     val_loader = DataLoader(val_shard, cfg.eval.batch_size or bs, drop_last=cfg.eval.drop_last, **loader_args)
     train_stage = val_stage = None
     if fast:  # the trainer's half of the fast pipeline: resize, normalise (and erase) on this device
+        a = cfg.aug
         norm = dict(img_size=cfg.model.img_size, mean=a.mean, std=a.std, device=device)
         train_stage = DeviceStage(**norm, re_prob=a.re_prob, re_mode=a.re_mode, re_count=a.re_count)
         val_stage = DeviceStage(**norm)
+    return Data(train_set, val_set, sampler, train_loader, val_loader, train_stage, val_stage, steps_per_epoch)
 
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    logger = None
-    if master:
+
+def setup(cfg: Config, resume_arg: str | None) -> Run:
+    """Everything a run needs, checked in the order that fails fastest: data, resume point, device, model."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    out_dir = Path(cfg.output_dir)
+    if cfg.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = not cfg.train.deterministic
+    if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
+        raise TrainingError("logging.wandb is true but wandb is not installed: pip install wandb")
+
+    # Data first, so that a wrong path or layout fails before any work starts.
+    train_tf, val_tf = build_transforms(cfg)
+    train_set, val_set = load_dataset(cfg, "train", train_tf), load_dataset(cfg, "val", val_tf)
+    sampler = ResumableSampler(len(train_set), rank, world, cfg.seed)
+    bs, accum = cfg.train.batch_size, cfg.train.grad_accum
+    steps_per_epoch = sampler.per_rank // bs // accum
+    if steps_per_epoch == 0:
+        raise TrainingError(
+            f"{len(train_set)} training images are fewer than one optimizer step needs "
+            f"(batch_size {bs} x {world} processes x grad_accum {accum})"
+        )
+    resume = find_resume(resume_arg, out_dir)
+    device = setup_distributed(cfg.train.device, rank, world)
+    raw_model, model, ema, state = build_training_model(cfg, device, world, resume)
+    opt = build_optimization(cfg, raw_model, steps_per_epoch, world, device)
+    data = build_data(cfg, train_set, val_set, sampler, steps_per_epoch, rank, world, device)
+    return Run(cfg, rank, world, device, out_dir, resume, state, raw_model, model, ema, opt, data)
+
+
+def restore(run: Run) -> None:
+    """Resume: everything an uninterrupted run would have at this point, the data position included."""
+    state, opt = run.state, run.opt
+    if state is None:
+        return
+    if state["global_batch"] != opt.global_batch:
+        raise TrainingError(
+            f"{run.resume} was written with a global batch of {state['global_batch']}, this run has "
+            f"{opt.global_batch} (batch_size x processes x grad_accum); resume with the same global batch"
+        )
+    opt.optimizer.load_state_dict(state["optimizer"])
+    opt.scheduler.load_state_dict(state["scheduler"])
+    if opt.scaler is not None and state["scaler"] is not None:
+        opt.scaler.load_state_dict(state["scaler"])
+    if run.ema is not None and state["ema"] is not None:
+        run.ema.load_state_dict(state["ema"])
+    run.epoch, run.step_in_epoch, run.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+    run.best_top1 = state["best_top1"]
+
+
+def seed_streams(run: Run) -> None:
+    """Each rank its own random streams (drop path, mixup): the checkpoint's when it comes from as many
+    processes, a fresh seed per rank otherwise."""
+    state = run.state
+    if state and state["world_size"] == run.world:
+        ckpt.set_rng_state(state["rng"][run.rank])
+        return
+    seed_everything(run.cfg.seed + run.rank)
+    if state:
+        run.log(
+            f"warning: {run.resume} comes from {state['world_size']} processes, this run has {run.world}: "
+            "random streams and the data order differ from an uninterrupted run"
+        )
+
+
+def start_logs(run: Run) -> None:
+    """Rank 0: the output folder, its config.yaml and metrics logger, and what this run is, printed."""
+    cfg, out_dir = run.cfg, run.out_dir
+    n_params = sum(p.numel() for p in run.raw_model.parameters())
+    if run.master:
         out_dir.mkdir(parents=True, exist_ok=True)
         for path in ckpt.remove_stale_temporaries(out_dir):
-            log(f"removed {path.name}, left by a save that was killed")
+            run.log(f"removed {path.name}, left by a save that was killed")
         (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         wandb_project = cfg.logging.wandb_project if cfg.logging.wandb else None
-        logger = MetricsLogger(out_dir, resume is not None, cfg.logging.tensorboard, wandb_project, to_dict(cfg))
-        logger.log(
+        run.logger = MetricsLogger(
+            out_dir, run.resume is not None, cfg.logging.tensorboard, wandb_project, to_dict(cfg)
+        )
+        run.logger.log(
             "run",
             description=cfg.description,
             paper_table=cfg.paper_table,
@@ -440,156 +604,165 @@ def main(argv: list[str] | None = None) -> None:
             model=cfg.model.name,
             img_size=cfg.model.img_size,
             params=n_params,
-            epochs=epochs,
-            steps_per_epoch=steps_per_epoch,
-            world_size=world,
+            epochs=cfg.schedule.epochs,
+            steps_per_epoch=run.data.steps_per_epoch,
+            world_size=run.world,
             eval_every=cfg.eval.every,
             eval_drop_last=cfg.eval.drop_last,
-            global_batch=global_batch,
-            lr=lr,
-            device=str(device),
-            resumed_from=str(resume) if resume else None,
-            step=global_step,
+            global_batch=run.opt.global_batch,
+            lr=run.opt.lr,
+            device=str(run.device),
+            resumed_from=str(run.resume) if run.resume else None,
+            step=run.global_step,
         )
-    log(f"{cfg.model.name} ({n_params / 1e6:.1f}M parameters) at {cfg.model.img_size}px on {world} x {device.type}")
-    log(
-        f"{len(train_set)} train / {len(val_set)} val images, {steps_per_epoch} steps per epoch, "
-        f"global batch {global_batch}, lr {lr:.3g} (config lr {cfg.optimizer.lr:g} at batch {ref_batch})"
+    where = f"{cfg.model.img_size}px on {run.world} x {run.device.type}"
+    run.log(f"{cfg.model.name} ({n_params / 1e6:.1f}M parameters) at {where}")
+    run.log(
+        f"{len(run.data.train_set)} train / {len(run.data.val_set)} val images, {run.data.steps_per_epoch} steps per "
+        f"epoch, global batch {run.opt.global_batch}, lr {run.opt.lr:.3g} (config lr {cfg.optimizer.lr:g} at batch "
+        f"{cfg.optimizer.ref_batch_size})"
     )
-    if resume:
-        log(f"resumed from {resume}: epoch {start_epoch + 1}, step {global_step}")
+    if run.resume:
+        run.log(f"resumed from {run.resume}: epoch {run.epoch + 1}, step {run.global_step}")
 
-    def save_checkpoint(epoch: int, step_in_epoch: int, progress: dict | None = None) -> None:
-        """last.pt, atomically; `epoch`/`step_in_epoch` say where training continues (called on all ranks);
-        `progress`: the epoch's running sums so far, when saved in the middle of it."""
-        rng = gather_objects(ckpt.rng_state(), world)
-        bad = [name for name, p in raw_model.state_dict().items() if p.is_floating_point() and not p.isfinite().all()]
-        if bad:  # never store non-finite weights as the point to resume from
-            raise TrainingError(f"refusing to write {out_dir / 'last.pt'}: non-finite values in {', '.join(bad[:3])}")
-        if master:
-            ckpt.atomic_save(
-                {
-                    "model": raw_model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler else None,
-                    "ema": ema.state_dict() if ema else None,
-                    "epoch": epoch,
-                    "step_in_epoch": step_in_epoch,
-                    "global_step": global_step,
-                    "global_batch": global_batch,
-                    "best_top1": best_top1,
-                    "elapsed_s": time.time() - run_clock,
-                    "rng": rng,
-                    "world_size": world,
-                    "epoch_progress": progress or {},
-                    "config": to_dict(cfg),
-                },
-                out_dir / "last.pt",
-            )
 
-    if start_epoch >= epochs:
-        log(f"{resume} already finished all {epochs} epochs; nothing to do")
-        return
-    if state and state["world_size"] == world:
-        ckpt.set_rng_state(state["rng"][rank])
-    else:
-        seed_everything(cfg.seed + rank)  # each rank its own drop-path and mixup randomness
-        if state:
-            log(
-                f"warning: {resume} comes from {state['world_size']} processes, this run has {world}: "
-                "random streams and the data order differ from an uninterrupted run"
-            )
-    run_clock = time.time() - elapsed  # training time, accumulated over resumed runs
-    preemption, last_save = Preemption(), time.time()
-
-    # The training loop: epochs of `steps_per_epoch` optimizer steps of `grad_accum` micro-batches each.
-    for epoch in range(start_epoch, epochs):
-        epoch_start = time.time()
-        first_step = start_step if epoch == start_epoch else 0
-        train_sampler.set_epoch(epoch, skip=first_step * accum * bs)
-        if resamples:
-            train_set.set_epoch(epoch)
-        batches = device_batches(train_loader, device, train_stage, erasing_seed(cfg.seed, epoch, first_step * accum))
-        model.train()
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        loss_sum, steps_done, images_seen, skipped = 0.0, 0, 0, 0
-        # Resumed in the middle of this epoch: its loss so far, so that train_loss averages the whole epoch.
-        prior = state.get("epoch_progress", {}) if state and epoch == start_epoch else {}
-        prior_loss, prior_steps = prior.get("loss_sum", 0.0), prior.get("steps", 0)
-        stop = mid_epoch = False
-        bar = tqdm(
-            total=steps_per_epoch,
-            initial=first_step,
-            desc=f"epoch {epoch + 1}/{epochs}",
-            unit="step",
-            disable=not master,
-            dynamic_ncols=True,
+def save_checkpoint(run: Run, epoch: int, step_in_epoch: int, progress: dict | None = None) -> None:
+    """last.pt, atomically (called on all ranks, written by rank 0); ``epoch``/``step_in_epoch`` say where
+    training continues; ``progress``: the epoch's running sums so far, when saved in the middle of it."""
+    rng = gather_objects(ckpt.rng_state(), run.world)
+    model_state = run.raw_model.state_dict()
+    bad = [name for name, p in model_state.items() if p.is_floating_point() and not p.isfinite().all()]
+    if bad:  # never store non-finite weights as the point to resume from
+        raise TrainingError(f"refusing to write {run.out_dir / 'last.pt'}: non-finite values in {', '.join(bad[:3])}")
+    if run.master:
+        opt = run.opt
+        ckpt.atomic_save(
+            {
+                "model": model_state,
+                "optimizer": opt.optimizer.state_dict(),
+                "scheduler": opt.scheduler.state_dict(),
+                "scaler": opt.scaler.state_dict() if opt.scaler else None,
+                "ema": run.ema.state_dict() if run.ema else None,
+                "epoch": epoch,
+                "step_in_epoch": step_in_epoch,
+                "global_step": run.global_step,
+                "global_batch": opt.global_batch,
+                "best_top1": run.best_top1,
+                "elapsed_s": time.time() - run.run_clock,
+                "rng": rng,
+                "world_size": run.world,
+                "epoch_progress": progress or {},
+                "config": to_dict(run.cfg),
+            },
+            run.out_dir / "last.pt",
         )
-        for step_in_epoch in range(first_step, steps_per_epoch):
-            loss_acc = torch.zeros((), device=device)
-            for micro in range(accum):
-                images, labels, n_skipped = next(batches)
-                skipped += n_skipped
-                if cfg.train.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                if mixup:
-                    if len(images) % 2:  # mixup pairs images; a skipped unreadable one made the batch odd
-                        images, labels = images[:-1], labels[:-1]
-                    images, labels = mixup(images, labels)
-                images_seen += len(images)
-                sync = world == 1 or micro == accum - 1  # DDP all-reduces gradients on the last micro-batch
-                with nullcontext() if sync else model.no_sync():
-                    with autocast():
-                        loss = loss_fn(model(images), labels)
-                    if cfg.debug.nan_at_step == global_step + 1:
-                        loss = loss * float("nan")
-                    (scaler.scale(loss / accum) if scaler else loss / accum).backward()
-                    if cfg.debug.nan_grad_at_step == global_step + 1:
-                        next(p for p in raw_model.parameters() if p.grad is not None).grad.fill_(float("nan"))
-                loss_acc += loss.detach().float() / accum
-            # One all-reduce per step: the loss, a signal on any rank, and rank 0's checkpoint clock.
-            due = master and (time.time() - last_save) / 60 >= cfg.checkpoint.every_minutes
-            requests = torch.tensor([preemption.signal is not None, due], device=device, dtype=loss_acc.dtype)
-            loss_total, preempted, due = all_reduce(torch.cat([loss_acc.view(1), requests])).tolist()
-            step_loss = loss_total / world  # the mean over ranks; NaN if any rank has NaN
-            if not math.isfinite(step_loss):
-                bar.close()
-                last = out_dir / "last.pt"
-                raise TrainingError(
-                    f"non-finite loss ({step_loss}) at optimizer step {global_step + 1} (epoch {epoch + 1}); "
-                    "stopped before updating the weights. Last good checkpoint: "
-                    f"{last if last.exists() else 'none written yet'}. "
-                    "Try a lower optimizer.lr or set optimizer.clip_grad."
-                )
-            if scaler:
-                scaler.unscale_(optimizer)
-            # The gradient norm (clipping computes it anyway); DDP's gradients, and so it, are equal on all ranks.
-            grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.optimizer.clip_grad or math.inf).item()
-            if not math.isfinite(grad_norm) and not scaler:  # fp16's scaler skips such steps by itself
-                bar.close()
-                raise TrainingError(
-                    f"non-finite gradient norm ({grad_norm}) with a finite loss at optimizer step {global_step + 1} "
-                    f"(epoch {epoch + 1}); stopped before updating the weights. Last good checkpoint: "
-                    f"{out_dir / 'last.pt' if (out_dir / 'last.pt').exists() else 'none written yet'}. "
-                    "Try a lower optimizer.lr, optimizer.clip_grad, or train.amp=none to find the layer."
-                )
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            global_step += 1
-            if ema is not None:
-                ema.update(raw_model, step=global_step)
-            loss_sum, steps_done = loss_sum + step_loss, steps_done + 1
 
-            images_per_s = images_seen * world / (time.time() - epoch_start)
-            current_lr = optimizer.param_groups[0]["lr"]
-            eta_h = (epochs * steps_per_epoch - global_step) * (time.time() - epoch_start) / steps_done / 3600
+
+def last_good_checkpoint(run: Run) -> str:
+    last = run.out_dir / "last.pt"
+    return str(last) if last.exists() else "none written yet"
+
+
+def forward_backward(run: Run, batches, progress: EpochProgress) -> torch.Tensor:
+    """``grad_accum`` micro-batches into the gradients; returns this rank's mean loss of the step."""
+    cfg, opt, accum = run.cfg, run.opt, run.cfg.train.grad_accum
+    loss_acc = torch.zeros((), device=run.device)
+    for micro in range(accum):
+        images, labels, n_skipped = next(batches)
+        progress.skipped += n_skipped
+        if cfg.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if opt.mixup:
+            if len(images) % 2:  # mixup pairs images; a skipped unreadable one made the batch odd
+                images, labels = images[:-1], labels[:-1]
+            images, labels = opt.mixup(images, labels)
+        progress.images += len(images)
+        sync = run.world == 1 or micro == accum - 1  # DDP all-reduces gradients on the last micro-batch
+        with nullcontext() if sync else run.model.no_sync():
+            with opt.autocast():
+                loss = opt.loss_fn(run.model(images), labels)
+            if cfg.debug.nan_at_step == run.global_step + 1:
+                loss = loss * float("nan")
+            (opt.scaler.scale(loss / accum) if opt.scaler else loss / accum).backward()
+            if cfg.debug.nan_grad_at_step == run.global_step + 1:
+                next(p for p in run.raw_model.parameters() if p.grad is not None).grad.fill_(float("nan"))
+        loss_acc += loss.detach().float() / accum
+    return loss_acc
+
+
+def apply_update(run: Run, step_loss: float, epoch: int) -> None:
+    """One optimizer step, unless the loss or the gradient is not finite: then stop before touching the weights."""
+    opt = run.opt
+    if not math.isfinite(step_loss):
+        raise TrainingError(
+            f"non-finite loss ({step_loss}) at optimizer step {run.global_step + 1} (epoch {epoch + 1}); "
+            f"stopped before updating the weights. Last good checkpoint: {last_good_checkpoint(run)}. "
+            "Try a lower optimizer.lr or set optimizer.clip_grad."
+        )
+    if opt.scaler:
+        opt.scaler.unscale_(opt.optimizer)
+    # The gradient norm (clipping computes it anyway); DDP's gradients, and so it, are equal on all ranks.
+    clip = run.cfg.optimizer.clip_grad or math.inf
+    grad_norm = nn.utils.clip_grad_norm_(run.raw_model.parameters(), clip).item()
+    if not math.isfinite(grad_norm) and not opt.scaler:  # fp16's scaler skips such steps by itself
+        raise TrainingError(
+            f"non-finite gradient norm ({grad_norm}) with a finite loss at optimizer step {run.global_step + 1} "
+            f"(epoch {epoch + 1}); stopped before updating the weights. Last good checkpoint: "
+            f"{last_good_checkpoint(run)}. Try a lower optimizer.lr, optimizer.clip_grad, or train.amp=none to "
+            "find the layer."
+        )
+    if opt.scaler:
+        opt.scaler.step(opt.optimizer)
+        opt.scaler.update()
+    else:
+        opt.optimizer.step()
+    opt.optimizer.zero_grad(set_to_none=True)
+    opt.scheduler.step()
+    run.global_step += 1
+    if run.ema is not None:
+        run.ema.update(run.raw_model, step=run.global_step)
+
+
+def train_one_epoch(run: Run, epoch: int, preemption: Preemption) -> EpochProgress:
+    """The epoch's optimizer steps from ``run.step_in_epoch``; saves on a signal (then exits) or when due."""
+    cfg, data = run.cfg, run.data
+    accum, bs, epochs = cfg.train.grad_accum, cfg.train.batch_size, cfg.schedule.epochs
+    epoch_start, first_step = time.time(), run.step_in_epoch
+    data.sampler.set_epoch(epoch, skip=first_step * accum * bs)
+    if hasattr(data.train_set, "set_epoch"):  # a dataset that draws new samples every epoch
+        data.train_set.set_epoch(epoch)
+    batches = device_batches(
+        data.train_loader, run.device, data.train_stage, erasing_seed(cfg.seed, epoch, first_step * accum)
+    )
+    run.model.train()
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    # Resumed in the middle of this epoch: its loss so far, so that train_loss averages the whole epoch.
+    prior = run.state.get("epoch_progress", {}) if run.state and epoch == run.state["epoch"] else {}
+    progress = EpochProgress(prior.get("loss_sum", 0.0), prior.get("steps", 0))
+    bar = tqdm(
+        total=data.steps_per_epoch,
+        initial=first_step,
+        desc=f"epoch {epoch + 1}/{epochs}",
+        unit="step",
+        disable=not run.master,
+        dynamic_ncols=True,
+    )
+    try:
+        for step_in_epoch in range(first_step, data.steps_per_epoch):
+            loss_acc = forward_backward(run, batches, progress)
+            # One all-reduce per step: the loss, a signal on any rank, and rank 0's checkpoint clock.
+            due = run.master and (time.time() - run.last_save) / 60 >= cfg.checkpoint.every_minutes
+            flags = torch.tensor([preemption.signal is not None, due], device=run.device, dtype=loss_acc.dtype)
+            loss_total, preempted, due = all_reduce(torch.cat([loss_acc.view(1), flags])).tolist()
+            step_loss = loss_total / run.world  # the mean over ranks; NaN if any rank has NaN
+            apply_update(run, step_loss, epoch)
+            progress.loss_sum, progress.steps = progress.loss_sum + step_loss, progress.steps + 1
+
+            images_per_s = progress.images * run.world / (time.time() - epoch_start)
+            current_lr = run.opt.optimizer.param_groups[0]["lr"]
+            steps_left = epochs * data.steps_per_epoch - run.global_step
+            eta_h = steps_left * (time.time() - epoch_start) / progress.steps / 3600
             bar.set_postfix(
                 loss=f"{step_loss:.4f}",
                 lr=f"{current_lr:.2e}",
@@ -598,112 +771,156 @@ def main(argv: list[str] | None = None) -> None:
                 refresh=False,
             )
             bar.update()
-            if master and global_step % cfg.train.log_every == 0:
-                logger.log(
-                    "step", step=global_step, epoch=epoch + 1, loss=step_loss, lr=current_lr, images_per_s=images_per_s
+            if run.master and run.global_step % cfg.train.log_every == 0:
+                run.logger.log(
+                    "step",
+                    step=run.global_step,
+                    epoch=epoch + 1,
+                    loss=step_loss,
+                    lr=current_lr,
+                    images_per_s=images_per_s,
                 )
 
-            stop = cfg.debug.max_steps is not None and global_step >= cfg.debug.max_steps
-            mid_epoch = step_in_epoch + 1 < steps_per_epoch
-            every = cfg.checkpoint.every_steps
-            progress = dict(loss_sum=prior_loss + loss_sum, steps=prior_steps + steps_done)
+            progress.stop = cfg.debug.max_steps is not None and run.global_step >= cfg.debug.max_steps
+            progress.mid_epoch = step_in_epoch + 1 < data.steps_per_epoch
             if preempted:  # all ranks agree (above); this step's state, even at the epoch's last step
-                save_checkpoint(epoch, step_in_epoch + 1, progress)
+                save_checkpoint(run, epoch, step_in_epoch + 1, progress.saved())
                 bar.close()
-                log(
-                    f"{preemption.signal or 'a signal on another rank'}: saved {out_dir / 'last.pt'} after step "
-                    f"{global_step}; --resume auto continues (exit status {PREEMPTED})"
+                run.log(
+                    f"{preemption.signal or 'a signal on another rank'}: saved {run.out_dir / 'last.pt'} after step "
+                    f"{run.global_step}; --resume auto continues (exit status {PREEMPTED})"
                 )
-                if master:
-                    logger.close()
-                    requeue_slurm_job(cfg.checkpoint.requeue, log)
+                if run.master:
+                    run.logger.close()
+                    requeue_slurm_job(cfg.checkpoint.requeue, run.log)
                 raise SystemExit(PREEMPTED)
-            if mid_epoch and (stop or due or (every and global_step % every == 0)):
-                save_checkpoint(epoch, step_in_epoch + 1, progress)
-                last_save = time.time()
-            if stop:
+            every = cfg.checkpoint.every_steps
+            if progress.mid_epoch and (progress.stop or due or (every and run.global_step % every == 0)):
+                save_checkpoint(run, epoch, step_in_epoch + 1, progress.saved())
+                run.last_save = time.time()
+            if progress.stop:
                 break
+    finally:
         bar.close()
-        if stop and mid_epoch:
-            log(f"stopped after step {global_step} (debug.max_steps); --resume {out_dir / 'last.pt'} continues")
-            break
+    progress.seconds = time.time() - epoch_start
+    return progress
 
-        # End of epoch: metrics, evaluation, checkpoints.
-        counts = all_reduce(torch.tensor([images_seen, skipped], dtype=torch.float64, device=device)).tolist()
-        train_time = time.time() - epoch_start
-        record = dict(
-            epoch=epoch + 1,
-            step=global_step,
-            train_loss=(prior_loss + loss_sum) / (prior_steps + steps_done),
-            lr=optimizer.param_groups[0]["lr"],
-            epoch_time_s=train_time,
-            images_per_s=counts[0] / train_time,
-            peak_mem_gb=peak_memory_gb(device),
-            skipped_images=int(counts[1]),
-        )
-        if counts[1]:
-            log(f"warning: skipped {int(counts[1])} unreadable training images in epoch {epoch + 1}")
-        last_epoch = epoch + 1 == epochs
-        if (epoch + 1) % cfg.eval.every == 0 or last_epoch or stop:
-            metrics = evaluate(
-                raw_model, device_batches(val_loader, device, val_stage), device, autocast, cfg.train.channels_last
+
+def validate(run: Run, epoch: int, record: dict) -> None:
+    """Top-1/top-5 of the weights (and of the EMA), into ``record``; best.pt when the selected one improves."""
+    cfg, data = run.cfg, run.data
+
+    def score_of(model: nn.Module) -> dict:
+        batches = device_batches(data.val_loader, run.device, data.val_stage)
+        return evaluate(model, batches, run.device, run.opt.autocast, cfg.train.channels_last)
+
+    metrics = score_of(run.raw_model)
+    record.update(
+        val_top1=metrics["top1"],
+        val_top5=metrics["top5"],
+        val_loss=metrics["loss"],
+        val_skipped_images=metrics["skipped"],
+        val_images=metrics["images"],
+    )
+    score = metrics["top1"]
+    if run.ema is not None:
+        ema_metrics = score_of(run.ema.module)
+        record.update(ema_top1=ema_metrics["top1"], ema_top5=ema_metrics["top5"])
+        score = ema_metrics["top1"]  # with EMA, model selection uses the EMA weights
+    if score > run.best_top1:
+        run.best_top1 = score
+        if run.master:
+            ckpt.atomic_save(
+                {
+                    "model": run.raw_model.state_dict(),
+                    "ema": run.ema.state_dict() if run.ema else None,
+                    "epoch": epoch + 1,
+                    "top1": score,
+                    "config": to_dict(cfg),
+                },
+                run.out_dir / "best.pt",
             )
-            record.update(
-                val_top1=metrics["top1"],
-                val_top5=metrics["top5"],
-                val_loss=metrics["loss"],
-                val_skipped_images=metrics["skipped"],
-                val_images=metrics["images"],
+    record["best_top1"] = run.best_top1
+
+
+def finish_epoch(run: Run, epoch: int, progress: EpochProgress) -> dict:
+    """Metrics over all ranks, evaluation when due, last.pt when due; the epoch's record, logged and printed."""
+    cfg = run.cfg
+    counts = all_reduce(torch.tensor([progress.images, progress.skipped], dtype=torch.float64, device=run.device))
+    images, skipped = counts.tolist()
+    record = dict(
+        epoch=epoch + 1,
+        step=run.global_step,
+        train_loss=progress.mean_loss(),
+        lr=run.opt.optimizer.param_groups[0]["lr"],
+        epoch_time_s=progress.seconds,
+        images_per_s=images / progress.seconds,
+        peak_mem_gb=peak_memory_gb(run.device),
+        skipped_images=int(skipped),
+    )
+    if skipped:
+        run.log(f"warning: skipped {int(skipped)} unreadable training images in epoch {epoch + 1}")
+    last_epoch = epoch + 1 == cfg.schedule.epochs
+    if (epoch + 1) % cfg.eval.every == 0 or last_epoch or progress.stop:
+        validate(run, epoch, record)
+    record["elapsed_h"] = (time.time() - run.run_clock) / 3600
+    if (epoch + 1) % cfg.checkpoint.every == 0 or last_epoch or progress.stop:
+        save_checkpoint(run, epoch + 1, 0)
+        run.last_save = time.time()
+    if run.master:
+        run.logger.log("epoch", **record)
+    summary = f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}"
+    if "val_top1" in record:
+        summary += f", val top-1 {record['val_top1']:.2f}% top-5 {record['val_top5']:.2f}%"
+    if "ema_top1" in record:
+        summary += f", EMA top-1 {record['ema_top1']:.2f}%"
+    run.log(f"{summary}, {record['images_per_s']:.1f} img/s, {progress.seconds:.1f} s")
+    return record
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.nproc_per_node > 1 and "RANK" not in os.environ:
+        raise SystemExit(launch_local(args.nproc_per_node, sys.argv[1:] if argv is None else argv))
+    cfg = load_config(args.config, [kv for group in args.overrides for kv in group])
+    run = setup(cfg, args.resume)
+    restore(run)
+    start_logs(run)
+    epochs = cfg.schedule.epochs
+    if run.epoch >= epochs:
+        run.log(f"{run.resume} already finished all {epochs} epochs; nothing to do")
+        return
+    seed_streams(run)
+    elapsed = run.state["elapsed_s"] if run.state else 0.0
+    run.run_clock = time.time() - elapsed  # training time, accumulated over resumed runs
+    preemption, run.last_save = Preemption(), time.time()
+
+    record = None
+    for epoch in range(run.epoch, epochs):
+        progress = train_one_epoch(run, epoch, preemption)
+        run.step_in_epoch = 0
+        if progress.stop and progress.mid_epoch:
+            run.log(
+                f"stopped after step {run.global_step} (debug.max_steps); --resume {run.out_dir / 'last.pt'} continues"
             )
-            score = metrics["top1"]
-            if ema is not None:
-                ema_metrics = evaluate(
-                    ema.module, device_batches(val_loader, device, val_stage), device, autocast, cfg.train.channels_last
-                )
-                record.update(ema_top1=ema_metrics["top1"], ema_top5=ema_metrics["top5"])
-                score = ema_metrics["top1"]  # with EMA, model selection uses the EMA weights
-            if score > best_top1:
-                best_top1 = score
-                if master:
-                    ckpt.atomic_save(
-                        {
-                            "model": raw_model.state_dict(),
-                            "ema": ema.state_dict() if ema else None,
-                            "epoch": epoch + 1,
-                            "top1": score,
-                            "config": to_dict(cfg),
-                        },
-                        out_dir / "best.pt",
-                    )
-            record["best_top1"] = best_top1
-        record["elapsed_h"] = (time.time() - run_clock) / 3600
-        if (epoch + 1) % cfg.checkpoint.every == 0 or last_epoch or stop:
-            save_checkpoint(epoch + 1, 0)
-            last_save = time.time()
-        if master:
-            logger.log("epoch", **record)
-        summary = f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}"
-        if "val_top1" in record:
-            summary += f", val top-1 {record['val_top1']:.2f}% top-5 {record['val_top5']:.2f}%"
-        if "ema_top1" in record:
-            summary += f", EMA top-1 {record['ema_top1']:.2f}%"
-        log(f"{summary}, {record['images_per_s']:.1f} img/s, {train_time:.1f} s")
-        if stop:
-            log(f"stopped after step {global_step} (debug.max_steps)")
+            break
+        record = finish_epoch(run, epoch, progress)
+        if progress.stop:
+            run.log(f"stopped after step {run.global_step} (debug.max_steps)")
             break
     else:
-        if master:
-            logger.log(
+        if run.master:
+            run.logger.log(
                 "final",
-                step=global_step,
+                step=run.global_step,
                 epochs=epochs,
-                best_top1=best_top1,
+                best_top1=run.best_top1,
                 final_top1=record["val_top1"],
                 elapsed_h=record["elapsed_h"],
             )
-        log(f"done: best top-1 {best_top1:.2f}%, {record['elapsed_h']:.2f} h; checkpoints in {out_dir}")
-    if master:
-        logger.close()
+        run.log(f"done: best top-1 {run.best_top1:.2f}%, {record['elapsed_h']:.2f} h; checkpoints in {run.out_dir}")
+    if run.master:
+        run.logger.close()
 
 
 if __name__ == "__main__":

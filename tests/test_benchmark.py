@@ -3,12 +3,16 @@
 import argparse
 import csv
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+SCRIPT = SCRIPTS / "benchmark.py"
+CONFIGS = SCRIPTS / "configs"
+sys.path.insert(0, str(SCRIPTS))  # benchmark.py imports its siblings (baselines, train), as when run as a script
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +26,7 @@ def benchmark():
 def test_times_a_tiny_atlas_and_writes_every_column(benchmark, tmp_path, capsys):
     out = tmp_path / "bench.csv"
     args = ["--models", "atlas_tiny_patch16", "--sizes", "64", "--repeats", "1", "--warmup", "0", "--profile", "3"]
-    args += ["--matmul-size", "64"]
+    args += ["--matmul-size", "256"]
     rows = benchmark.main([*args, "--device", "cpu", "--csv", str(out)])
     assert "Self CPU" in capsys.readouterr().out
     with out.open() as f:
@@ -100,3 +104,28 @@ def test_speedups_compare_models_at_the_same_size(benchmark):
     ]
     rows[0].update(fwd_fused_ms=5.0, fwd_fused_cpu_ms=10.0)
     assert benchmark.speedups(rows, "b")[0].endswith("fused forward 4.00x (CPU time 3.00x)")
+
+
+def test_configs_are_timed_at_their_size_as_training_builds_them(benchmark):
+    args = ["--configs", str(CONFIGS / "tiny_cpu_synthetic.yaml"), "--repeats", "1", "--warmup", "0"]
+    rows = benchmark.main([*args, "--device", "cpu", "--matmul-size", "0", "--baseline", "tiny_cpu_synthetic"])
+    assert [(r["model"], r["height"], r["width"]) for r in rows] == [("tiny_cpu_synthetic", 64, 64)]  # its img_size
+    assert rows[0]["fwd_ms"] > 0 and rows[0]["train_ms"] > 0
+
+
+def test_table3_blocks_side_by_side_dilated_attention_costs_less_than_global(benchmark):
+    """Table 3 at its size (384px, 9216 tokens): LongViT's dilated attention reads 1/16 of the keys per pair."""
+    names = ["table3_vit", "table3_longvit_dilated", "table3_swin"]
+    rows = benchmark.main(["--configs", *(str(CONFIGS / f"{n}.yaml") for n in names), "--flops-only"])
+    flops = {r["model"]: r["gflops_per_image"] for r in rows}
+    assert [(r["model"], r["height"]) for r in rows] == [(n, 384) for n in names]
+    assert flops["table3_swin"] < flops["table3_longvit_dilated"] < flops["table3_vit"] / 2
+
+
+def test_a_missing_config_or_baseline_is_a_clear_error(benchmark, capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(["--configs", str(CONFIGS / "table3_nope.yaml"), "--flops-only"])
+    assert "config file not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        benchmark.main(["--configs", str(CONFIGS / "table3_vit.yaml"), "--baseline", "vit", "--flops-only"])
+    assert "'table3_vit'" in capsys.readouterr().err

@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -84,3 +85,20 @@ def test_the_evaluation_protocol_of_each_run_is_named(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"* {released}: evaluated every 1 epoch(s) on 4864 validation images, per-rank drop_last" in out
     assert f"* {old}: evaluated protocol not recorded" in out
+
+
+def test_params_lists_every_table_1_to_3_config_next_to_the_authors_count(capsys):
+    assert compare_results.main(["--params"]) == 0
+    out = capsys.readouterr().out
+    configs = sorted(p.name for p in (SCRIPTS / "configs").glob("table[123]_*.yaml"))
+    assert [line.split(" | ")[0].lstrip("| ") for line in out.splitlines() if ".yaml" in line] == configs
+    mamba = "mambavision_base | own implementation (scripts/baselines/mamba.py)"
+    assert f"| table1_mambavision_b_1024.yaml | 1, MambaVision-B | {mamba} | 96.76 | 97.69 | 97.7 |" in out
+    assert "| table1_vit_b16_1024.yaml | 1, ViT-B | vit_base_patch16_224 | timm | 88.87 | 86.57 | 86.0 |" in out
+    assert "| table3_longvit_dilated.yaml | 3, Dilated attention (LongViT) | longvit_base_patch16 |" in out
+
+
+def test_runs_or_params_are_needed(capsys):
+    with pytest.raises(SystemExit):
+        compare_results.main([])
+    assert "give run folders" in capsys.readouterr().err

@@ -63,7 +63,7 @@ def test_geometry_is_built_once_per_input_size(monkeypatch):
         model(torch.randn(1, 3, 96, 40))
     assert len(builds) == 2 * len(model.stages)
     for size in range(model.GEOMETRY_CACHE_SIZE + 2):  # the cache keeps a bounded number of sizes
-        model.geometry(model.config.layout_for((96 + 16 * size, 40)), torch.device("cpu"))
+        model.geometry(model.config.stage_plan((96 + 16 * size, 40)), torch.device("cpu"))
     assert len(model._geometry) == model.GEOMETRY_CACHE_SIZE
 
 

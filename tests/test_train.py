@@ -57,6 +57,29 @@ def ddp_run(tmp_path_factory) -> Path:
     return out
 
 
+def test_the_local_launcher_trains_exactly_as_torchrun(ddp_run, tmp_path):
+    """--nproc-per-node 2 starts the same two processes torchrun does: the same weights, bit for bit."""
+    out = tmp_path / "run"
+    result = train("--set", f"output_dir={out}", "train.ema=true", "--nproc-per-node", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert records(out, "run")[0]["world_size"] == 2
+    assert_same_tensors(load(out / "last.pt")["model"], load(ddp_run / "last.pt")["model"])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--resume", "missing.pt"], "error: --resume missing.pt: no such checkpoint"),
+        (["--set", "train.batchsize=4"], "error: unknown config key 'train.batchsize'"),
+    ],
+    ids=["missing checkpoint", "unknown key"],
+)
+def test_an_error_under_the_local_launcher_is_one_line_from_rank_0(tmp_path, args, message):
+    result = train("--set", f"output_dir={tmp_path / 'run'}", *args, "--nproc-per-node", "2")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and result.stderr.startswith(message)
+
+
 def test_ddp_trains_evaluates_and_checkpoints(ddp_run):
     (run,) = records(ddp_run, "run")
     assert run["world_size"] == 2 and run["global_batch"] == 32 and run["steps_per_epoch"] == 2

@@ -1,5 +1,7 @@
 """The attention explorer (built without a browser: its callbacks are called directly) and its static view."""
 
+import base64
+
 import matplotlib
 import numpy as np
 import pytest
@@ -103,6 +105,17 @@ def test_explorer_shows_as_a_widget_with_a_short_text_fallback(model, pixels):
     bundle = explorer_for(model, pixels)._repr_mimebundle_()
     assert "application/vnd.jupyter.widget-view+json" in bundle
     assert bundle["text/plain"].startswith("attention explorer: 3 blocks, 3 scales, 2 heads")
+
+
+def test_explorer_stores_a_static_png_of_its_view_and_its_grid_has_no_gaps(model, pixels):
+    explorer = explorer_for(model, pixels)
+    png = base64.b64decode(explorer._repr_mimebundle_()["image/png"])
+    assert png.startswith(b"\x89PNG") and png == explorer.view.value  # the view as drawn now
+    explorer.select((1, 2))
+    assert base64.b64decode(explorer._repr_mimebundle_()["image/png"]) == explorer.view.value
+    assert explorer.view.layout.width == "auto"  # its own size, not the width of the output area
+    assert {(cell.layout.margin, cell.layout.padding) for cell in explorer.grid.children} == {("0px", "0px")}
+    assert explorer.grid.layout.grid_gap == "0px"
 
 
 def test_token_colors_average_each_token():

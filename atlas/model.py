@@ -338,13 +338,13 @@ class Atlas(nn.Module):
         maps = build_pyramid(image_to_map(stem_bchw), plan[0][0])
         outputs = []
         stages = self.stages[:num_stages]
+        memory_format = MEMORY_FORMATS[self.stem.resolved_memory_format(x.device)]  # of conv down-sampling
         for i, stage in enumerate(stages):
             maps = stage(maps, geometry[i])
             outputs.append(maps)
             if i == len(stages) - 1:
                 break
             if stage.downsample is not None:  # conv down-sampling: the halved finest map, and its scales
-                memory_format = MEMORY_FORMATS[self.stem.resolved_memory_format(x.device)]
                 halved_bchw = stage.downsample(map_to_image(maps[0]), memory_format)
                 maps = build_pyramid(image_to_map(halved_bchw), plan[i + 1][0])
             else:

@@ -51,15 +51,11 @@ def build_model(name: str, img_size: tuple[int, int], num_classes: int = 1000, d
     """
     check_model_name(name)
     try:
-        return _create_on(device, name, num_classes=num_classes, img_size=img_size)
+        return build_on(device, partial(timm.create_model, name, num_classes=num_classes, img_size=img_size))
     except TypeError as error:
         if "img_size" not in str(error):
             raise
-    return _create_on(device, name, num_classes=num_classes)
-
-
-def _create_on(device, name: str, **kwargs) -> nn.Module:
-    return build_on(device, partial(timm.create_model, name, **kwargs))
+    return build_on(device, partial(timm.create_model, name, num_classes=num_classes))
 
 
 def build_on(device, build: Callable[[], nn.Module]) -> nn.Module:

@@ -1,4 +1,4 @@
-"""FLOPs of a model at any input size, counted without running it for real.
+"""FLOPs and training memory of a model at any input size, counted without running it for real.
 
 The weights are swapped for meta tensors (``torch.func.functional_call``), so only shapes flow through the
 forward pass: a 4096px ViT, whose attention matrices alone would need hundreds of GB, is counted in well
@@ -8,11 +8,17 @@ additions are not counted.
 
     model = build_model("atlas_base_patch16", (1024, 1024))
     atlas_flops_breakdown(model, (1, 3, 1024, 1024))  # {"stem": ..., "blocks": ..., "head": ..., "total": ...}
+    training_peak_bytes(model, (1, 3, 1024, 1024))  # the most bytes alive at once in forward + backward
+
+Memory is followed the same way, on fake tensors (shapes and storage sizes, no data): every storage an
+operator creates is counted while Python or autograd holds it, so the peak is what the tensors of a training
+step would occupy, before any allocator's caching or fragmentation.
 """
 
 from __future__ import annotations
 
 import difflib
+import weakref
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -20,7 +26,11 @@ from pathlib import Path
 import timm
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 
@@ -42,20 +52,24 @@ def check_model_name(name: str) -> None:
     raise ValueError(f"unknown model {name!r}{hint} (list them with timm.list_models('*pattern*'))")
 
 
-def build_model(name: str, img_size: tuple[int, int], num_classes: int = 1000, device="cpu") -> nn.Module:
-    """``timm.create_model`` for an image size: passed as ``img_size`` to models that take it (ViT, Atlas).
-
-    Models without ``img_size`` (ConvNeXt, ResNet, ...) take any input size as they are. With
-    ``device="meta"`` nothing is allocated, but a constructor that reads tensor values cannot run there; then
-    the model is built on the CPU (its weights cost memory; :func:`count_flops` still runs it on meta).
-    """
-    check_model_name(name)
+def create_at_size(name: str, img_size: tuple[int, int], **kwargs) -> nn.Module:
+    """``timm.create_model(name, **kwargs)`` for an image size: passed as ``img_size`` to models that take it (ViT,
+    Atlas); models without it (ConvNeXt, ResNet, ...) take any input size as they are."""
     try:
-        return build_on(device, partial(timm.create_model, name, num_classes=num_classes, img_size=img_size))
+        return timm.create_model(name, img_size=img_size, **kwargs)
     except TypeError as error:
         if "img_size" not in str(error):
             raise
-    return build_on(device, partial(timm.create_model, name, num_classes=num_classes))
+    return timm.create_model(name, **kwargs)
+
+
+def build_model(name: str, img_size: tuple[int, int], num_classes: int = 1000, device="cpu") -> nn.Module:
+    """:func:`create_at_size` on ``device``, after checking the name. With ``device="meta"`` nothing is allocated,
+    but a constructor that reads tensor values cannot run there; then the model is built on the CPU (its weights
+    cost memory; :func:`count_flops` still runs it on meta).
+    """
+    check_model_name(name)
+    return build_on(device, partial(create_at_size, name, img_size, num_classes=num_classes))
 
 
 def build_on(device, build: Callable[[], nn.Module]) -> nn.Module:
@@ -121,6 +135,60 @@ def atlas_flops_breakdown(model: nn.Module, input_shape: tuple[int, ...], device
         "head": counts.get(f"{root}.head", 0),
         "total": counts["Global"],
     }
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Bytes of the storages alive now and at most, over the tensors given to :meth:`hold` and every operator's
+    outputs. A storage counts once (views share it) and stops counting when it is freed."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._held = weakref.WeakSet()
+
+    def hold(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        if storage in self._held:
+            return
+        self._held.add(storage)
+        self.live += storage.nbytes()
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._release, storage.nbytes())
+
+    def _release(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                self.hold(leaf)
+        return out
+
+
+ATTENTION_KERNELS = {"fused": [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH], "math": [SDPBackend.MATH]}
+
+
+def training_peak_bytes(model: nn.Module, input_shape: tuple[int, ...], attention: str = "fused") -> int:
+    """The most bytes alive at once while ``model`` runs forward and backward (of the output's sum) on the CPU.
+
+    Counted on fake tensors, so nothing is allocated: weights, input, activations kept for backward, gradients
+    and temporaries, in float32 as the weights are. ``attention`` picks the kernels of
+    ``F.scaled_dot_product_attention``: ``"fused"`` (the CPU's flash kernel where it applies, as by default;
+    it never stores the attention weights) or ``"math"`` (softmax(q k^T) as a tensor, kept for backward).
+    ``model`` is left untouched.
+    """
+    if attention not in ATTENTION_KERNELS:
+        raise ValueError(f"attention must be one of {sorted(ATTENTION_KERNELS)}, got {attention!r}")
+    cpu = torch.device("cpu")
+    with FakeTensorMode(allow_non_fake_inputs=True), sdpa_kernel(ATTENTION_KERNELS[attention]):
+        tensors = {name: _stand_in(t, cpu) for name, t in [*model.named_parameters(), *model.named_buffers()]}
+        x = torch.zeros(input_shape)
+        with _LiveBytes() as memory:
+            for tensor in [*tensors.values(), x]:
+                memory.hold(tensor)
+            functional_call(model, tensors, (x,)).float().sum().backward()
+    return memory.peak
 
 
 def cpu_name() -> str:

@@ -55,6 +55,7 @@ from trainlib.pipeline import DevicePrefetcher, DeviceStage, SourceCenterCrop, S
 
 import atlas  # noqa: F401  (registers the Atlas models with timm)
 from atlas.datasets import build_dataset, collate_skip_unreadable
+from atlas.profiling import create_at_size
 
 
 class TrainingError(RuntimeError):
@@ -236,12 +237,7 @@ def build_model(cfg: Config) -> nn.Module:
             f"or {packages}. Atlas models: {', '.join(timm.list_models('atlas*'))}"
         )
     try:
-        try:
-            return timm.create_model(m.name, img_size=m.img_size, **kwargs)
-        except TypeError as e:
-            if "img_size" not in str(e):
-                raise
-            return timm.create_model(m.name, **kwargs)  # convolutional models take any input size
+        return create_at_size(m.name, m.img_size, **kwargs)
     except (TypeError, ValueError) as e:
         raise TrainingError(f"cannot build {m.name} with model.kwargs {m.kwargs}: {e}") from None
 

@@ -1,4 +1,5 @@
-"""FLOP counting on the meta device (atlas.profiling): exact counts for known layers, Atlas's breakdown, scaling."""
+"""FLOP counting on the meta device and training memory on fake tensors (atlas.profiling): exact counts for known
+layers, Atlas's breakdown, scaling, what attention kernels keep."""
 
 import pytest
 import timm
@@ -8,7 +9,15 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import atlas  # noqa: F401  (registers the Atlas models with timm)
-from atlas.profiling import EXTRA_FLOP_FORMULAS, atlas_flops_breakdown, build_model, check_model_name, count_flops
+from atlas.profiling import (
+    EXTRA_FLOP_FORMULAS,
+    _LiveBytes,
+    atlas_flops_breakdown,
+    build_model,
+    check_model_name,
+    count_flops,
+    training_peak_bytes,
+)
 
 
 def test_linear_flops_are_two_per_multiply_add_per_token():
@@ -90,3 +99,46 @@ def test_cpu_fused_attention_is_counted():
     with FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as counter:
         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, q, q)
     assert counter.get_total_flops() == 4 * 2 * 8 * 8 * 4
+
+
+def test_live_bytes_counts_each_storage_once_and_only_while_it_lives():
+    with _LiveBytes() as memory:
+        x = torch.zeros(1000)
+        memory.hold(x)
+        y = x.view(10, 100)  # a view: no new storage
+        assert memory.live == 4000
+        z = x * 2
+        assert (memory.live, memory.peak) == (8000, 8000)
+        del z
+        assert memory.live == 4000
+        w = y + 1
+        assert (memory.live, memory.peak) == (8000, 8000)
+    del w
+
+
+def test_math_attention_keeps_the_weights_and_the_fused_kernel_does_not():
+    """ViT-Ti/16 at 1024px: 12 layers keep softmax(q k^T) of 3 heads x 4097^2 for backward, 2.4 GB in float32;
+    the fused kernel keeps a few MB per layer instead."""
+    vit = build_model("vit_tiny_patch16_224", (1024, 1024), device="meta")
+    weights = 12 * 3 * 4097**2 * 4
+    math = training_peak_bytes(vit, (1, 3, 1024, 1024), attention="math")
+    fused = training_peak_bytes(vit, (1, 3, 1024, 1024), attention="fused")
+    assert math > weights > 2 * fused
+
+
+def test_training_peak_bytes_counts_weights_gradients_and_kept_activations():
+    """Linear -> ReLU -> Linear on a batch of 512: more than the weights and the input and hidden layer kept for
+    backward; not more than that plus the weights' gradients and two hidden-sized gradients in flight (the
+    gradient reaching the ReLU and the one leaving it)."""
+    mlp = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64))
+    weights = 4 * sum(p.numel() for p in mlp.parameters())
+    hidden = 4 * 512 * 256
+    kept = 4 * 512 * 64 + hidden
+    peak = training_peak_bytes(mlp, (512, 64))
+    assert weights + kept < peak <= 2 * weights + kept + 2 * hidden
+    assert training_peak_bytes(mlp.to("meta"), (512, 64)) == peak, "the weights' device does not matter"
+
+
+def test_training_peak_bytes_rejects_unknown_kernels():
+    with pytest.raises(ValueError, match="attention must be one of"):
+        training_peak_bytes(nn.Linear(2, 2), (1, 2), attention="flash")

@@ -387,6 +387,10 @@ class Atlas(nn.Module):
         ``(B, h_i, w_i, C)`` (``"NHWC"``), ``h_i = ceil(H / stride_i)`` for any input size, padded or not (see
         ``feature_info``). ``indices``: the last n if an int, all if None, or a list. ``norm`` applies
         ``readout_norm``. Returns the intermediates, or ``(forward_features(x), intermediates)``.
+
+        With ``bottom_up=False`` the last block of a stage that hands over to the next leaves the scale it drops
+        as it is after its position embedding (no coarse token reads that scale's update), so feature ``i`` then
+        has the updates of stage ``i``'s other blocks and only the position embedding of its last.
         """
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")

@@ -11,7 +11,7 @@ AVX512 := $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo yes)
 PORTABLE_ENV := $(if $(AVX512),ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2,ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41)
 NBVAL := -m pytest --nbval notebooks --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg -p no:cacheprovider
 
-.PHONY: demo test test-portable lint lab tour benchmark gpu-check clean
+.PHONY: demo test test-portable lint lab tour benchmark gpu-check paper-speed clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ benchmark: $(STAMP)
 # The prepared check for one CUDA GPU (under 8 minutes); `python scripts/gpu_check.py` runs it without the venv too.
 gpu-check: $(STAMP)
 	$(PY) scripts/gpu_check.py
+
+# The runtime columns of the paper's Tables 1, 2, 3 and 6 side by side on one CUDA GPU (at most 6 minutes).
+paper-speed: $(STAMP)
+	$(PY) scripts/paper_speed.py
 
 clean:
 	rm -rf $(VENV) results runs

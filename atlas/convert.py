@@ -107,12 +107,43 @@ def load_released(model: torch.nn.Module, source: str | Path | dict) -> torch.nn
     return model
 
 
+def convert_file(source: Path, output: Path) -> None:
+    """Write the converted state dict of the released checkpoint ``source`` to ``output`` (never ``source``
+    itself); a ValueError or OSError in one line if it cannot."""
+    if output.resolve() == source.resolve():
+        raise ValueError(f"{output} is the input: write the converted weights to another file")
+    if output.is_dir():
+        raise ValueError(f"{output} is a folder: name the file to write the converted weights to")
+    if not output.parent.is_dir():
+        raise FileNotFoundError(f"output folder {output.parent} does not exist")
+    state_dict = load_state_dict_file(source)
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError(f"{source} holds no state dict (a mapping of names to tensors)")
+    if not is_released_state_dict(state_dict):
+        raise ValueError(
+            f"{source} is not in the released Atlas format (no 'atlas_models.' keys); this package's own state "
+            "dicts load as they are"
+        )
+    try:
+        converted = convert_released_state_dict(state_dict)
+    except KeyError as error:
+        raise ValueError(f"{source}: {error.args[0]}") from None
+    try:
+        torch.save(converted, output)
+    except RuntimeError as error:  # torch.save reports a file it cannot open as a RuntimeError
+        raise ValueError(f"cannot write {output}: {str(error).strip().splitlines()[-1]}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Convert a released Atlas checkpoint to this package's format")
     parser.add_argument("source", type=Path, help="released checkpoint (.pth/.pt)")
-    parser.add_argument("output", type=Path, help="where to write the converted state dict")
+    parser.add_argument("output", type=Path, help="where to write the converted state dict (not the source)")
     args = parser.parse_args(argv)
-    torch.save(convert_released_state_dict(load_state_dict_file(args.source)), args.output)
+    try:
+        convert_file(args.source, args.output)
+    except (ValueError, OSError) as error:
+        detail = f"{error.strerror}: {error.filename}" if isinstance(error, OSError) and error.strerror else error
+        raise SystemExit(f"error: {detail}") from None
     print(f"wrote {args.output}")
 
 

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import find_classes
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +58,12 @@ def build_dataset(name: str, split: str, transform: Callable | None = None, **op
 def collate_skip_unreadable(batch: list, stack: bool = True) -> tuple[torch.Tensor | list, torch.Tensor, int]:
     """Collate ``(image, label)`` samples, dropping ``None`` ones: returns (images, labels, number dropped).
 
-    ``stack=False`` keeps the images a list, for images of different sizes.
+    ``stack=False`` keeps the images a list, for images of different sizes. A batch of unreadable images only
+    gives no images (``len(images) == 0``).
     """
     kept = [sample for sample in batch if sample is not None]
-    if not kept:
-        raise RuntimeError(f"all {len(batch)} images of a batch were unreadable; check the dataset")
+    if not kept:  # all unreadable: an empty batch, which the trainer skips
+        return (torch.empty(0) if stack else []), torch.empty(0, dtype=torch.long), len(batch)
     if not stack:
         return [image for image, _ in kept], default_collate([label for _, label in kept]), len(batch) - len(kept)
     images, labels = default_collate(kept)
@@ -101,6 +103,10 @@ class ImageFolderSkipUnreadable(ImageFolder):
         return (self.transform(img) if self.transform else img), label
 
 
+def _some(names: list[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "") or "none"
+
+
 @register_dataset("imagefolder")
 def build_imagefolder(
     split: str, transform: Callable | None, root: str, num_classes: int, channels: int = 3
@@ -116,6 +122,16 @@ def build_imagefolder(
     if not folder.is_dir():
         raise FileNotFoundError(f"data folder {folder} does not exist; expected the layout {layout}")
     dataset = ImageFolderSkipUnreadable(folder, transform, channels)
+    train = Path(root) / "train"
+    if split != "train" and train.is_dir():  # labels are class folders in sorted order: the same names, or wrong
+        train_classes = find_classes(str(train))[0]
+        if dataset.classes != train_classes:
+            missing = sorted(set(train_classes) - set(dataset.classes))
+            extra = sorted(set(dataset.classes) - set(train_classes))
+            raise ValueError(
+                f"the class folders of {folder} are not those of {train} (labels follow the folder names): "
+                f"{len(missing)} missing ({_some(missing)}), {len(extra)} not in train ({_some(extra)})"
+            )
     if len(dataset.classes) != num_classes:
         raise ValueError(f"{folder} has {len(dataset.classes)} class folders but data.num_classes is {num_classes}")
     return dataset

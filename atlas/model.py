@@ -19,6 +19,8 @@ import dataclasses
 import difflib
 import importlib.util
 import math
+import numbers
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +40,10 @@ DEPTHS_TINY = {1: (6,), 2: (2, 4), 3: (2, 2, 2), 4: (1, 1, 2, 2)}
 GLOBAL_POOLS = ("avg", "")
 COMPOSITIONS = ("atlas", "stack", "conv_downsample")
 READOUTS = ("coarsest", "all_scales")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass
@@ -70,9 +76,7 @@ class AtlasConfig:
     readout: str | None = None  # "coarsest" or "all_scales" of the last stage; None: "all_scales" for a stack
 
     def __post_init__(self):
-        if isinstance(self.img_size, int):
-            self.img_size = (self.img_size, self.img_size)
-        self.img_size = tuple(self.img_size)
+        self.check_types()
         problems = []
         if len(self.img_size) != 2 or min(self.img_size) < self.patch_size:
             problems.append(f"img_size must be (H, W) with both sides >= patch_size {self.patch_size}")
@@ -114,6 +118,38 @@ class AtlasConfig:
             self.depths = self.default_depths()
         self.depths = tuple(self.depths)
         self.check_composition()
+        tokens = self.token_size(self.img_size)
+        if self.multiscale and self.window_size > max(tokens):
+            warnings.warn(
+                f"window_size {self.window_size} is larger than the {tokens[0]}x{tokens[1]} token grid of img_size "
+                f"{self.img_size} (patch_size {self.patch_size}): the model has one scale, a single window of "
+                f"global attention. For several scales use a larger img_size, or a window_size below {max(tokens)} "
+                f"(a multiple of pool_stride {self.pool_stride})",
+                stacklevel=2,
+            )
+
+    INT_FIELDS = ("in_chans", "num_classes", "embed_dim", "num_heads", "stem_width", "stem_depth", "patch_size")
+    POSITIVE_FIELDS = ("embed_dim", "num_heads", "stem_width", "patch_size", "window_size")
+
+    def check_types(self) -> None:
+        """TypeError for a field of the wrong type (``img_size='64'``), ValueError for a size of zero; ``img_size``
+        as an ``(H, W)`` tuple of ints."""
+        size = self.img_size
+        if _is_int(size):
+            size = (size, size)
+        if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(_is_int(side) for side in size)):
+            raise TypeError(f"img_size must be an int or (H, W) of ints, got {self.img_size!r}")
+        self.img_size = tuple(int(side) for side in size)
+        for name in (*self.INT_FIELDS, "window_size", "pool_stride"):
+            if not _is_int(getattr(self, name)):
+                raise TypeError(f"{name} must be an int, got {getattr(self, name)!r}")
+        if not isinstance(self.mlp_ratio, numbers.Real) or isinstance(self.mlp_ratio, bool):
+            raise TypeError(f"mlp_ratio must be a number, got {self.mlp_ratio!r}")
+        for name in self.POSITIVE_FIELDS:
+            if getattr(self, name) < 1:
+                raise ValueError(f"invalid Atlas config: {name} must be >= 1, got {getattr(self, name)}")
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"invalid Atlas config: mlp_ratio must be > 0, got {self.mlp_ratio}")
 
     def default_depths(self) -> tuple[int, ...]:
         """Atlas: ``depths_by_scales[num_scales]``; a stack: as many blocks in one stage; conv: (3, 3, 3, 3)."""
@@ -284,12 +320,20 @@ class Atlas(nn.Module):
     def check_input(self, x: torch.Tensor) -> list[tuple[MultiScaleLayout, int]]:
         """Validate a ``(B, C, H, W)`` batch and return its stage plan (:meth:`AtlasConfig.stage_plan`)."""
         cfg = self.config
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(
+                f"expected a torch.Tensor of images (B, {cfg.in_chans}, H, W), got {type(x).__module__}."
+                f"{type(x).__qualname__}; convert it with torch.as_tensor"
+            )
+        self.check_input_dtype(x)
         if x.ndim != 4 or x.shape[1] != cfg.in_chans:
             raise ValueError(
                 f"expected images of shape (B, {cfg.in_chans}, H, W) for in_chans={cfg.in_chans}, "
                 f"got {tuple(x.shape)}; build the model with in_chans={x.shape[1] if x.ndim == 4 else '?'} "
                 "for other channel counts"
             )
+        if x.shape[0] == 0:
+            raise ValueError(f"got an empty batch {tuple(x.shape)}: pass at least one image")
         size = tuple(x.shape[-2:])
         if min(size) < cfg.patch_size:
             raise ValueError(
@@ -309,18 +353,42 @@ class Atlas(nn.Module):
             )
         return plan
 
+    def check_input_dtype(self, x: torch.Tensor) -> None:
+        """TypeError unless ``x`` holds floating-point images in the weights' dtype (under autocast, any dtype
+        it casts: float32, float16, bfloat16)."""
+        dtype = next(self.parameters()).dtype
+        if x.dtype == dtype:
+            return
+        castable = (torch.float32, torch.float16, torch.bfloat16)
+        device = x.device.type  # autocast knows real devices only (not "meta", on which FLOPs are counted)
+        autocast = device in ("cpu", "cuda") and torch.is_autocast_enabled(device) and x.dtype in castable
+        if not autocast:
+            data = getattr(self, "pretrained_cfg", None) or _cfg()
+            raise TypeError(
+                f"expected floating-point images in {dtype} (the weights' dtype), got {x.dtype}: convert with "
+                f"x.to({dtype}), pixels scaled to [0, 1] and normalised with mean {tuple(data['mean'])} and std "
+                f"{tuple(data['std'])} (the model's data config)"
+            )
+
     def geometry(self, plan: list[tuple[MultiScaleLayout, int]], device: torch.device) -> list[BlockGeometry]:
-        """Each stage's :class:`BlockGeometry` for a stage plan, built on ``device`` once per input size and kept."""
+        """Each stage's :class:`BlockGeometry` for a stage plan, built on ``device`` once per input size and kept.
+
+        While ``torch.compile`` traces, a geometry not yet kept is built inside the graph and not stored: storing
+        it would change what the compiled graph's guards saw, and the next call would compile a second graph.
+        """
         cfg = self.config
         key = (plan[0][0].token_size, str(device), cfg.routing, cfg.top_down, cfg.attention)
-        if key not in self._geometry:
+        if key in self._geometry:
+            return self._geometry[key]
+        geometry = [
+            BlockGeometry.build(layout, first, cfg.routing, cfg.top_down, device, cfg.attention)
+            for layout, first in plan
+        ]
+        if not torch.compiler.is_compiling():
             if len(self._geometry) >= self.GEOMETRY_CACHE_SIZE:
                 self._geometry.pop(next(iter(self._geometry)))  # the oldest input size
-            self._geometry[key] = [
-                BlockGeometry.build(layout, first, cfg.routing, cfg.top_down, device, cfg.attention)
-                for layout, first in plan
-            ]
-        return self._geometry[key]
+            self._geometry[key] = geometry
+        return geometry
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_geometry": {}}  # caches stay behind (FlexAttention masks hold closures)
@@ -452,6 +520,20 @@ class Atlas(nn.Module):
         Outputs do not change (up to float rounding); speed does, by device (``atlas/stem.py``).
         """
         self.config.memory_format = self.stem.memory_format = check_memory_format(memory_format)
+        return self
+
+    def compile_regions(self, **compile_kwargs) -> Atlas:
+        """``torch.compile`` each unit of the stem and each MSA block on its own, in place; returns ``self``.
+
+        Units of the same class and shapes share one compiled graph (their weights are its inputs), so the model
+        compiles a few distinct graphs instead of one as deep as the model: a fraction of the first step's time
+        of ``torch.compile(model)``. What joins them (scales, gradient checkpointing) stays eager. Shapes are
+        static (``dynamic=False`` unless given): the stages feed one block class maps of several sizes, and
+        compiling it again for shapes of any size (the compiler's reaction to a second size) took minutes.
+        """
+        compile_kwargs.setdefault("dynamic", False)
+        for unit in (*self.stem.units(), *(block for stage in self.stages for block in stage.blocks)):
+            unit.compile(**compile_kwargs)
         return self
 
     def set_grad_checkpointing(self, enable: bool = True, stem: bool = True) -> None:

@@ -15,6 +15,11 @@ Its memory format is a choice (``memory_format``), because the fastest one depen
 
 The format changes only how tensors are laid out in memory, not what is computed (equal up to float
 rounding). ``fuse_batchnorm()`` folds each batch norm into the convolution before it, for inference.
+
+Every convolution of the stem is a :class:`StripConv2d`: on images so large that one image's input or output
+would pass 2^31 - 1 elements (cuDNN indexes each image's tensors with 32-bit integers; PyTorch otherwise falls
+back to a slow, memory-hungry convolution), it runs in horizontal strips, each read with the rows of halo its
+kernel needs, and computes what the whole convolution computes.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from contextlib import contextmanager, nullcontext
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -56,8 +62,64 @@ def check_memory_format(memory_format: str) -> str:
     return memory_format
 
 
-def conv3x3(in_chans: int, out_chans: int, stride: int = 1, bias: bool = True) -> nn.Conv2d:
-    return nn.Conv2d(in_chans, out_chans, 3, stride, 1, bias=bias)
+INT32_MAX = 2**31 - 1
+
+
+class StripConv2d(nn.Conv2d):
+    """``nn.Conv2d`` (zero padding, no dilation) that runs in horizontal strips on very large images.
+
+    When one image's input ``C_in * H * W`` or output ``C_out * h * w`` would pass ``max_elements``, the output
+    rows are cut into strips; each strip's convolution reads its input rows plus the halo its kernel needs,
+    with zero rows where that halo falls outside the image, and the strips are concatenated. Each output
+    element is the same sum of the same products as without strips; the gradients flow through the slices.
+    """
+
+    max_elements: int = INT32_MAX  # per image, of the input or the output; a class attribute tests lower
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.strip_rows(x.shape)
+        if rows is None:
+            return super().forward(x)
+        (kernel, _), (stride, _), (pad, pad_w) = self.kernel_size, self.stride, self.padding
+        height, out_height = x.shape[2], self.output_size(x.shape)[0]
+        memory_format = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+        strips = []
+        for first in range(0, out_height, rows):
+            last = min(first + rows, out_height)  # output rows [first, last)
+            top, bottom = first * stride - pad, (last - 1) * stride - pad + kernel  # input rows [top, bottom)
+            strip = x[:, :, max(top, 0) : min(bottom, height)]
+            strip = F.pad(strip, (0, 0, max(-top, 0), max(bottom - height, 0)))
+            strip = strip.contiguous(memory_format=memory_format)
+            strips.append(F.conv2d(strip, self.weight, self.bias, self.stride, (0, pad_w), 1, self.groups))
+        return torch.cat(strips, dim=2)
+
+    def output_size(self, shape: torch.Size) -> tuple[int, int]:
+        """``(h, w)`` of the output for an input of ``shape`` ``(B, C, H, W)``."""
+        return tuple(
+            (n + 2 * p - k) // s + 1
+            for n, k, s, p in zip(shape[2:], self.kernel_size, self.stride, self.padding, strict=True)
+        )
+
+    def strip_rows(self, shape: torch.Size) -> int | None:
+        """Output rows per strip, or None when the whole convolution stays within ``max_elements``."""
+        (h, w), (kernel, _), (stride, _) = self.output_size(shape), self.kernel_size, self.stride
+        in_row, out_row = shape[1] * shape[3], self.out_channels * w  # elements of one row, per image
+        if in_row * shape[2] <= self.max_elements and out_row * h <= self.max_elements:
+            return None
+        if self.padding_mode != "zeros" or self.dilation != (1, 1):
+            raise ValueError("StripConv2d cuts strips for zero padding and no dilation only")
+        rows = min(self.max_elements // out_row, (self.max_elements // in_row - kernel) // stride + 1)
+        if rows < 1:
+            raise ValueError(f"one output row of {tuple(shape)} needs more than {self.max_elements} elements")
+        return rows
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def conv3x3(in_chans: int, out_chans: int, stride: int = 1, bias: bool = True) -> StripConv2d:
+    return StripConv2d(in_chans, out_chans, 3, stride, 1, bias=bias)
 
 
 class ResidualConvBlock(nn.Module):
@@ -164,12 +226,15 @@ class ConvStem(nn.Module):
         """``(B, in_chans, H, W)`` -> ``(B, 4F, ceil(H/p), ceil(W/p))``, in :meth:`resolved_memory_format`."""
         memory_format = MEMORY_FORMATS[self.resolved_memory_format(x.device)]
         x = x.contiguous(memory_format=memory_format)
-        down1, down2 = (partial(down, memory_format=memory_format) for down in (self.down1, self.down2))
-        if not (self.grad_checkpointing and torch.is_grad_enabled()):
-            return down2(self.stage2(down1(self.stage1(self.embed(x)))))
-        for unit in (self.embed, *self.stage1, down1, *self.stage2, down2):  # each residual block on its own
-            x = checkpoint_unit(unit, x)
+        checkpointed = self.grad_checkpointing and torch.is_grad_enabled()
+        for unit in self.units():  # with checkpointing, each residual block on its own
+            unit = partial(unit, memory_format=memory_format) if isinstance(unit, Downsample) else unit
+            x = checkpoint_unit(unit, x) if checkpointed else unit(x)
         return x
+
+    def units(self) -> list[nn.Module]:
+        """The stem's modules in the order they run: embed, stage 1's blocks, down1, stage 2's blocks, down2."""
+        return [self.embed, *self.stage1, self.down1, *self.stage2, self.down2]
 
     @torch.no_grad()
     def fuse_batchnorm(self) -> ConvStem:

@@ -22,10 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -33,6 +31,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import train as train_script  # noqa: E402
 from trainlib.config import load_config  # noqa: E402
 from trainlib.data import isolated_rng  # noqa: E402
+from trainlib.jpegs import write_jpegs  # noqa: E402
 from trainlib.pipeline import DeviceStage  # noqa: E402
 
 from atlas.datasets import load_image  # noqa: E402
@@ -51,23 +50,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--source", default="500x375", help="source JPEG size, WxH")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for DeviceStage")
     return parser.parse_args(argv)
-
-
-def write_jpegs(folder: Path, count: int, size: tuple[int, int]) -> list[Path]:
-    """Smooth colour fields with edges and noise: JPEG-compressible like photographs, not like flat colour."""
-    paths = []
-    for i in range(count):
-        rng = np.random.default_rng(i)
-        yy, xx = np.mgrid[0 : size[1], 0 : size[0]] / max(size)
-        channels = [
-            np.sin(rng.uniform(3, 12) * xx + rng.uniform(0, 6)) * np.cos(rng.uniform(3, 12) * yy) for _ in "rgb"
-        ]
-        pixels = 127.5 + 90 * np.stack(channels, -1) + rng.normal(0, 12, (size[1], size[0], 3))
-        pixels[(xx - rng.uniform()) ** 2 + (yy - rng.uniform()) ** 2 < 0.02] = rng.uniform(0, 255, 3)
-        path = folder / f"source{i}.jpg"
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
-        paths.append(path)
-    return paths
 
 
 def cpu_seconds(fn) -> tuple[float, object]:

@@ -8,6 +8,10 @@ Input: IMAGENET/train/<wnid>/*.JPEG, and IMAGENET/val/ either per class (val/<wn
 Output: OUT/train/<wnid>/<file> and OUT/val/<wnid>/<file> symlinks to the originals, plus OUT/report.json.
 Images stay at their size: the training transforms upsample them to the training resolution.
 
+Nothing but links is ever removed: OUT may not lie inside IMAGENET, a file at a link's place is left as it is
+(and reported), and a rerun removes the links of an earlier run that this one no longer writes (fewer classes,
+images now unreadable); other files left in OUT's class folders are reported.
+
 Every image is checked with PIL (--no-verify skips it); unreadable ones are reported and left out. Missing
 classes, or counts far from the expected 126,689 train / 5,000 val images, make the exit status 1.
 """
@@ -18,6 +22,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -44,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def read_classes(path: Path) -> list[str]:
+    if not path.is_file():
+        raise SystemExit(f"error: class list {path} not found; expected one wnid per line (--classes)")
     wnids = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
     if len(set(wnids)) != len(wnids):
         raise SystemExit(f"error: {path} lists a class twice")
@@ -56,6 +63,8 @@ def images_in(folder: Path) -> list[Path]:
 
 def read_val_labels(path: Path) -> dict[str, str]:
     """Image file stem -> wnid, from LOC_val_solution.csv or 'filename wnid' lines."""
+    if not path.is_file():
+        raise SystemExit(f"error: labels file {path} not found (--val-labels)")
     if path.suffix.lower() == ".csv":
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
@@ -81,7 +90,8 @@ def val_images(imagenet: Path, wnids: list[str], labels_path: Path | None) -> di
     val = imagenet / "val"
     if not val.is_dir():
         raise SystemExit(f"error: {val} does not exist; expected IMAGENET/val/<wnid>/* or a flat IMAGENET/val/*")
-    if any((val / wnid).is_dir() for wnid in wnids):
+    # Per class if any folder is named like a wnid (a listed class without its folder is then missing), else flat.
+    if any(p.is_dir() and re.fullmatch(r"n\d{8}", p.name) for p in val.iterdir()):
         return {wnid: images_in(val / wnid) if (val / wnid).is_dir() else [] for wnid in wnids}
     if labels_path is None:
         labels_path = imagenet / "LOC_val_solution.csv"
@@ -109,13 +119,63 @@ def is_readable(path: Path) -> str | None:
     return None
 
 
-def link(src: Path, dst: Path) -> None:
+def link(src: Path, dst: Path) -> bool:
+    """Make ``dst`` a symlink to ``src``, replacing only a symlink; False (nothing done) if something else is there."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.is_symlink() or dst.exists():
-        if dst.is_symlink() and os.readlink(dst) == str(src):
-            return
+    if dst.is_symlink():
+        if os.readlink(dst) == str(src):
+            return True
         dst.unlink()
+    elif dst.exists():
+        return False
     dst.symlink_to(src)
+    return True
+
+
+def check_output(out: Path, imagenet: Path) -> Path:
+    """The resolved output folder, created; SystemExit if it is a file or lies inside the source tree."""
+    resolved = out.resolve()
+    sources = {imagenet, *((imagenet / split).resolve() for split in ("train", "val"))}
+    for source in sources:
+        if resolved == source or source in resolved.parents:
+            raise SystemExit(
+                f"error: --out {out} is inside --imagenet {source}: linking there would replace the originals; "
+                "choose a folder outside it"
+            )
+    blocker = next((p for p in (resolved, *resolved.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise SystemExit(f"error: --out {out}: {blocker} is a file, not a folder")
+    try:
+        resolved.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: cannot create --out {out}: {e.strerror}") from None
+    if not os.access(resolved, os.W_OK | os.X_OK):
+        raise SystemExit(f"error: --out {out} is not writable")
+    return resolved
+
+
+def remove_stale_links(split_dir: Path, written: set[Path], wnids: list[str], classes: Path) -> tuple[int, list[str]]:
+    """Remove the symlinks under ``split_dir`` that this run did not write, then the class folders left empty.
+
+    Returns (links removed, problems): class folders outside the class list that still hold other files.
+    """
+    removed, problems = 0, []
+    if not split_dir.is_dir():
+        return removed, problems
+    for folder, dirs, files in os.walk(split_dir):  # does not enter linked folders
+        for name in files + dirs:
+            path = Path(folder) / name
+            if path.is_symlink() and path not in written:
+                path.unlink()
+                removed += 1
+    for folder in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.is_symlink()):
+        if folder.name in wnids:
+            continue
+        if any(folder.iterdir()):
+            problems.append(f"{folder} is not a class of {classes} but holds files that are not links; left as it is")
+        else:
+            folder.rmdir()
+    return removed, problems
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,12 +184,19 @@ def main(argv: list[str] | None = None) -> int:
     wnids = read_classes(args.classes)
     if not (imagenet / "train").is_dir():
         raise SystemExit(f"error: {imagenet / 'train'} does not exist; expected IMAGENET/train/<wnid>/*.JPEG")
+    if not any((imagenet / "train" / wnid).is_dir() for wnid in wnids):
+        raise SystemExit(
+            f"error: none of the {len(wnids)} classes of {args.classes} is a folder of {imagenet / 'train'} "
+            f"(e.g. {wnids[0] if wnids else 'none listed'}); pass a list of ImageNet wnids such as n01558993"
+        )
+    out = check_output(args.out, imagenet)
 
     splits = {
         "train": {wnid: images_in(imagenet / "train" / wnid) for wnid in wnids if (imagenet / "train" / wnid).is_dir()},
         "val": val_images(imagenet, wnids, args.val_labels),
     }
-    report = {"classes": len(wnids), "missing_classes": {}, "unreadable": [], "counts": {}}
+    report = {"classes": len(wnids), "missing_classes": {}, "unreadable": [], "counts": {}, "not_replaced": []}
+    report["stale_links_removed"], stale_problems = 0, []
     for split, per_class in splits.items():
         missing = [wnid for wnid in wnids if not per_class.get(wnid)]
         if missing:
@@ -140,16 +207,31 @@ def main(argv: list[str] | None = None) -> int:
             with ProcessPoolExecutor(max(1, args.workers)) as pool:
                 errors = {p: e for p, e in zip(files, pool.map(is_readable, files, chunksize=256), strict=True) if e}
         report["unreadable"] += [{"file": str(p), "error": e} for p, e in errors.items()]
-        count = 0
+        count, written = 0, set()
         for wnid in wnids:
             for path in per_class.get(wnid, []):
                 if path not in errors:
-                    link(path, args.out / split / wnid / path.name)
-                    count += 1
+                    dst = out / split / wnid / path.name
+                    if link(path, dst):
+                        written.add(dst)
+                        count += 1
+                    else:
+                        report["not_replaced"].append(str(args.out / split / wnid / path.name))
+        removed, problems = remove_stale_links(out / split, written, wnids, args.classes)
+        report["stale_links_removed"] += removed
+        stale_problems += problems
         report["counts"][split] = count
         print(f"{split}: {count} images in {len(wnids) - len(missing)} classes -> {args.out / split}")
 
     status = 0
+    if report["stale_links_removed"]:
+        print(f"removed {report['stale_links_removed']} stale links (an earlier run's classes or images)")
+    for path in report["not_replaced"]:
+        print(f"error: {path} is not a link; left as it is (move it away to link the original there)", file=sys.stderr)
+        status = 1
+    for problem in stale_problems:
+        print(f"error: {problem}", file=sys.stderr)
+        status = 1
     for split, missing in report["missing_classes"].items():
         print(f"error: {len(missing)} classes have no {split} images: {', '.join(missing)}", file=sys.stderr)
         status = 1
@@ -166,8 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 status = 1
     report["ok"] = status == 0
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.json").write_text(json.dumps(report, indent=2))
     print(f"report: {args.out / 'report.json'}")
     return status
 

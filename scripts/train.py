@@ -8,7 +8,9 @@
 
 `--set section.key=value` overrides a config key (the value is read as YAML); `--resume auto` continues from
 output_dir/last.pt when it exists. The output folder gets config.yaml, metrics.jsonl, metrics.csv,
-tensorboard/, last.pt (every checkpoint.every epochs) and best.pt (best validation top-1).
+tensorboard/, last.pt (every checkpoint.every epochs) and best.pt (best validation top-1). A folder that holds
+any of these is never started over silently: continue it with --resume auto, or pass --overwrite to replace it.
+Ctrl-C, SIGTERM and SIGUSR1 save last.pt after the step in progress and exit (a second Ctrl-C stops at once).
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ import math
 import os
 import random
 import resource
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -48,6 +52,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 from trainlib import checkpoint as ckpt
+from trainlib.compiling import compile_model
 from trainlib.config import Config, ConfigError, all_keys, load_config, to_dict
 from trainlib.data import ResumableSampler, SeededSamples
 from trainlib.logger import MetricsLogger
@@ -63,6 +68,8 @@ class TrainingError(RuntimeError):
 
 
 PREEMPTED = 75  # exit status after saving on SIGTERM/SIGUSR1 (EX_TEMPFAIL): run again with --resume auto
+INTERRUPTED = 130  # exit status after Ctrl-C (SIGINT), saved or not (128 + SIGINT, as a shell reports it)
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "metrics.csv", "config.yaml", "tensorboard")  # a run's output
 
 
 def requeue_slurm_job(enabled: bool, log) -> None:
@@ -78,15 +85,28 @@ def requeue_slurm_job(enabled: bool, log) -> None:
 
 
 class Preemption:
-    """Remembers a SIGTERM or SIGUSR1 (a scheduler about to stop the job) until the next step boundary."""
+    """Remembers a SIGTERM or SIGUSR1 (a scheduler about to stop the job) or a Ctrl-C (SIGINT) until the next step
+    boundary, where the run saves and exits. A second Ctrl-C stops at once (KeyboardInterrupt), without saving."""
 
     def __init__(self):
         self.signal: str | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        self.interrupts = 0
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._received)
 
     def _received(self, signum, frame) -> None:
-        self.signal = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:
+                raise KeyboardInterrupt
+            if int(os.environ.get("RANK", 0)) == 0:  # os.write: print() may be busy with the progress bar
+                os.write(2, b"\nCtrl-C: saving after this step (press it again to stop at once, without saving)\n")
+        self.signal = self.signal or signal.Signals(signum).name
+
+
+def ignore_interrupts(worker_id: int) -> None:
+    """DataLoader workers ignore Ctrl-C (a terminal sends it to them too): the trainer saves, then stops them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -107,6 +127,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--resume", help="a checkpoint to continue from, or 'auto' for output_dir/last.pt if present")
     parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an output_dir that already holds a run: its last.pt, best.pt, metrics and logs are deleted",
+    )
+    parser.add_argument(
         "--nproc-per-node",
         type=int,
         default=1,
@@ -121,20 +146,24 @@ def launch_local(nproc: int, argv: list[str]) -> int:
 
     Each worker gets the environment torchrun gives it (RANK, WORLD_SIZE, MASTER_ADDR, ...). Rank 0 reports an
     error in one line and nothing is added to it (torchrun appends its own report of the failed child). SIGTERM
-    and SIGUSR1 are passed on, so that the workers save and exit with PREEMPTED; when one worker fails, the
-    others are stopped after a few seconds (they may be waiting for it in a collective).
+    and SIGUSR1 are passed on, so that the workers save and exit with PREEMPTED, and so is Ctrl-C (the workers
+    have their own process group, so that a terminal's Ctrl-C reaches them once, through here); when one worker
+    fails, the others are stopped after a few seconds (they may be waiting for it in a collective).
     """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     job = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc))
+    own_group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
     workers = [
         subprocess.Popen(
-            [sys.executable, __file__, *argv], env={**os.environ, **job, "RANK": str(r), "LOCAL_RANK": str(r)}
+            [sys.executable, __file__, *argv],
+            env={**os.environ, **job, "RANK": str(r), "LOCAL_RANK": str(r)},
+            **own_group,
         )
         for r in range(nproc)
     ]
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: [w.send_signal(signum) for w in workers if w.poll() is None])
     failed_at = None
     while any(w.poll() is None for w in workers):
@@ -254,15 +283,16 @@ def lr_schedule(lr: float, warmup_lr: float, min_lr: float, warmup_steps: int, t
     return factor
 
 
-def setup_distributed(device_name: str, rank: int, world: int) -> torch.device:
-    """The device of this process; under torchrun also the process group (NCCL on GPUs, gloo on CPU)."""
+def setup_distributed(device_name: str, rank: int, world: int, distributed: bool) -> torch.device:
+    """The device of this process; under torchrun (``distributed``) also the process group (NCCL on GPUs, gloo
+    on CPU), with one process as with several."""
     use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         raise TrainingError("train.device is cuda but no GPU is visible")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if world > 1:
+    if distributed:
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
         assert dist.get_rank() == rank and dist.get_world_size() == world
     return device
@@ -293,23 +323,28 @@ def device_batches(loader: DataLoader, device: torch.device, stage: DeviceStage 
 
 
 def evaluate(model: nn.Module, batches, device: torch.device, autocast, channels_last: bool) -> dict:
-    """Top-1, top-5 (%) and cross-entropy over this rank's shard, summed over all ranks."""
+    """Top-1, top-5 (%) and cross-entropy over this rank's shard, summed over all ranks; also the number of
+    images whose logits are not finite (they count as misses)."""
     model.eval()
-    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, images, skipped
+    sums = torch.zeros(6, dtype=torch.float64, device=device)  # loss, top-1, top-5 hits, images, skipped, non-finite
     for images, labels, skipped in batches:
+        if len(labels) == 0:  # every image of the batch was unreadable
+            sums[4] += skipped
+            continue
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast():
             logits = model(images).float()
-        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+        finite = logits.isfinite().all(dim=1)
+        hits = (logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]) & finite[:, None]
         loss = F.cross_entropy(logits, labels, reduction="sum")
-        counts = torch.tensor([len(labels), skipped], device=device)
+        counts = torch.tensor([len(labels), skipped, (~finite).sum()], device=device)
         sums += torch.stack([loss, hits[:, 0].sum(), hits.any(1).sum(), *counts])
-    loss, top1, top5, count, skipped = all_reduce(sums).tolist()
+    loss, top1, top5, count, skipped, nonfinite = all_reduce(sums).tolist()
     if count == 0:
         raise TrainingError("the validation set yielded no readable images")
     metrics = {"top1": 100 * top1 / count, "top5": 100 * top5 / count, "loss": loss / count}
-    return {**metrics, "skipped": int(skipped), "images": int(count)}
+    return {**metrics, "skipped": int(skipped), "images": int(count), "nonfinite": int(nonfinite)}
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -371,10 +406,14 @@ class Run:
     opt: Optimization
     data: Data
     logger: MetricsLogger | None = None
+    overwrite: bool = False  # --overwrite: start_logs deletes the run that output_dir holds
+    append_logs: bool = False  # metrics go after those already there (resuming, or restarting a checkpointless run)
     epoch: int = 0  # where training continues: epoch, step in it, optimizer steps so far
     step_in_epoch: int = 0
     global_step: int = 0
     best_top1: float = -1.0
+    best_weights: str = "live"  # which weights scored best_top1: "live" or "ema"
+    ema_updates: int = 0  # updates the EMA has seen (it selects the model once it has seen ema_horizon of them)
     run_clock: float = 0.0  # when this run's training time started, counting the time of the runs it resumes
     last_save: float = 0.0  # when last.pt was last written (checkpoint.every_minutes counts from it)
 
@@ -408,24 +447,85 @@ class EpochProgress:
         return (self.prior_loss + self.loss_sum) / (self.prior_steps + self.steps)
 
 
-def find_resume(resume: str | None, out_dir: Path) -> Path | None:
-    """The checkpoint to continue from: ``--resume PATH``, ``--resume auto`` (last.pt if there), or none."""
+def run_files(out_dir: Path) -> list[str]:
+    """The names of RUN_FILES that ``out_dir`` holds: a run lives there if there is any."""
+    return [name for name in RUN_FILES if (out_dir / name).exists()] if out_dir.is_dir() else []
+
+
+def check_output_dir(out_dir: Path) -> None:
+    """TrainingError unless ``out_dir`` is a folder, or can be made one, that this process can write to."""
+    existing = next(p for p in (out_dir.absolute(), *out_dir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == out_dir.absolute() else f"is under {existing}, which is a file"
+        raise TrainingError(f"output_dir {out_dir} {where}; set output_dir to a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):  # what counts is whether a file can be made there
+            pass
+    except OSError as e:
+        raise TrainingError(f"output_dir {out_dir}: cannot write to {existing} ({e.strerror})") from None
+
+
+def find_resume(resume: str | None, out_dir: Path, overwrite: bool = False) -> Path | None:
+    """The checkpoint to continue from: ``--resume PATH``, ``--resume auto`` (last.pt if there), or none.
+
+    A run's files in ``out_dir`` (RUN_FILES) are never replaced silently: without a last.pt to continue from,
+    the run needs ``--overwrite`` to start over there. One exception keeps requeued jobs going: ``--resume auto``
+    in a folder whose run was stopped before it saved any checkpoint (no last.pt, no best.pt) starts that run
+    again, and its metrics are appended to, not replaced (see :func:`started_without_checkpoint`).
+    """
+    found = run_files(out_dir)
+    listed = ", ".join(found)
+    if overwrite:
+        if resume:
+            raise TrainingError("--overwrite starts over, --resume continues: pass one of them")
+        return None
     if resume == "auto":
-        return out_dir / "last.pt" if (out_dir / "last.pt").exists() else None
+        if (out_dir / "last.pt").exists():
+            return out_dir / "last.pt"
+        if found and not started_without_checkpoint(out_dir):
+            raise TrainingError(
+                f"{out_dir} holds a run without last.pt ({listed}): nothing to resume; pass --overwrite to start "
+                "over there (deleting those files), or choose another output_dir"
+            )
+        return None
     if resume:
-        if not Path(resume).is_file():
+        path = Path(resume)
+        if not path.is_file():
             raise TrainingError(f"--resume {resume}: no such checkpoint (pass a last.pt path or 'auto')")
-        return Path(resume)
-    if (out_dir / "last.pt").exists():
+        if found and path.resolve() != (out_dir / "last.pt").resolve():
+            raise TrainingError(
+                f"{out_dir} already holds another run ({listed}); continuing {resume} there would mix the two: "
+                "choose another output_dir"
+            )
+        return path
+    if found:
+        hint = "--resume auto continues it, " if "last.pt" in found else ""
         raise TrainingError(
-            f"{out_dir} already holds a run (last.pt): pass --resume auto to continue it, or choose another output_dir"
+            f"{out_dir} already holds a run ({listed}): {hint}--overwrite starts over there (deleting those "
+            "files), or choose another output_dir"
         )
     return None
 
 
-def build_training_model(cfg: Config, device: torch.device, world: int, resume: Path | None):
+def started_without_checkpoint(out_dir: Path) -> bool:
+    """Whether ``out_dir`` holds a run that stopped before its first checkpoint: run files, but no .pt file."""
+    found = run_files(out_dir)
+    return bool(found) and not any(name.endswith(".pt") for name in found)
+
+
+def compile_mode(setting: str, model: nn.Module, device: torch.device) -> str:
+    """``train.compile`` as a mode of :func:`trainlib.compiling.compile_model`. "auto" is what measured fastest
+    (docs/benchmarks.md): an Atlas model on a GPU compiles block by block ("regional": on one H200, 1.27x the
+    eager images/s of Atlas-B/16 at 1024px and 1.30x at 2048px, with a first step half as long as a whole-model
+    compilation's); other models, and CPUs, where compiling takes minutes, run eager."""
+    if setting != "auto":
+        return setting
+    return "regional" if device.type == "cuda" and hasattr(model, "compile_regions") else "none"
+
+
+def build_training_model(cfg: Config, device: torch.device, distributed: bool, resume: Path | None):
     """(raw model, model to train, EMA, resumed state): identical initial weights on every rank, SyncBatchNorm
-    on several GPUs, the checkpoint's weights when resuming, DDP and torch.compile where configured."""
+    on GPUs under torchrun, the checkpoint's weights when resuming, DDP and torch.compile where configured."""
     torch.manual_seed(cfg.seed)
     raw_model = build_model(cfg)
     if cfg.train.grad_checkpointing:
@@ -433,7 +533,7 @@ def build_training_model(cfg: Config, device: torch.device, world: int, resume: 
             raise TrainingError(f"{cfg.model.name} has no set_grad_checkpointing(); set train.grad_checkpointing=false")
         raw_model.set_grad_checkpointing(True)
     cuda = device.type == "cuda"
-    if cuda and world > 1 and cfg.train.sync_bn:
+    if cuda and distributed and cfg.train.sync_bn:
         raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
     state = None
     if resume:
@@ -446,10 +546,15 @@ def build_training_model(cfg: Config, device: torch.device, world: int, resume: 
     raw_model.to(device)
     if cfg.train.channels_last:
         raw_model.to(memory_format=torch.channels_last)
-    model = DistributedDataParallel(raw_model, device_ids=[device.index] if cuda else None) if world > 1 else raw_model
-    if cfg.train.compile:
-        model = torch.compile(model)
-    ema = ModelEmaV3(raw_model, decay=cfg.train.ema_decay) if cfg.train.ema else None
+    ema = ModelEmaV3(raw_model, decay=cfg.train.ema_decay) if cfg.train.ema else None  # before compiling in place
+    mode = compile_mode(cfg.train.compile, raw_model, device)
+    if mode == "regional":  # in place, block by block: DDP then wraps the compiled blocks
+        compile_model(raw_model, mode)
+    model = raw_model
+    if distributed:  # under torchrun, also with one process: what runs on one GPU runs on eight
+        model = DistributedDataParallel(raw_model, device_ids=[device.index] if cuda else None)
+    if mode == "full":
+        model = compile_model(model, mode)
     return raw_model, model, ema, state
 
 
@@ -499,6 +604,7 @@ def build_data(cfg: Config, train_set, val_set, sampler, steps_per_epoch, rank, 
         # persistent workers would keep epoch 0's copy of a dataset that draws new samples every epoch
         persistent_workers=workers > 0 and not hasattr(train_set, "set_epoch"),
         generator=torch.Generator().manual_seed(cfg.seed),
+        worker_init_fn=ignore_interrupts,
     )
     bs = cfg.train.batch_size
     train_loader = DataLoader(SeededSamples(train_set), bs, sampler=sampler, drop_last=True, **loader_args)
@@ -513,10 +619,13 @@ def build_data(cfg: Config, train_set, val_set, sampler, steps_per_epoch, rank, 
     return Data(train_set, val_set, sampler, train_loader, val_loader, train_stage, val_stage, steps_per_epoch)
 
 
-def setup(cfg: Config, resume_arg: str | None) -> Run:
-    """Everything a run needs, checked in the order that fails fastest: data, resume point, device, model."""
+def setup(cfg: Config, resume_arg: str | None, overwrite: bool = False) -> Run:
+    """Everything a run needs, checked in the order that fails fastest: output folder, data, resume point, device,
+    model."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    distributed = "RANK" in os.environ  # started by torchrun or --nproc-per-node
     out_dir = Path(cfg.output_dir)
+    check_output_dir(out_dir)
     if cfg.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -535,12 +644,19 @@ def setup(cfg: Config, resume_arg: str | None) -> Run:
             f"{len(train_set)} training images are fewer than one optimizer step needs "
             f"(batch_size {bs} x {world} processes x grad_accum {accum})"
         )
-    resume = find_resume(resume_arg, out_dir)
-    device = setup_distributed(cfg.train.device, rank, world)
-    raw_model, model, ema, state = build_training_model(cfg, device, world, resume)
+    resume = find_resume(resume_arg, out_dir, overwrite)  # before init_process_group: no rank has written yet
+    device = setup_distributed(cfg.train.device, rank, world, distributed)
+    raw_model, model, ema, state = build_training_model(cfg, device, distributed, resume)
     opt = build_optimization(cfg, raw_model, steps_per_epoch, world, device)
     data = build_data(cfg, train_set, val_set, sampler, steps_per_epoch, rank, world, device)
-    return Run(cfg, rank, world, device, out_dir, resume, state, raw_model, model, ema, opt, data)
+    append = resume is not None or (resume_arg == "auto" and started_without_checkpoint(out_dir))
+    parts = (cfg, rank, world, device, out_dir, resume, state, raw_model, model, ema, opt, data)
+    return Run(*parts, overwrite=overwrite, append_logs=append)
+
+
+# Config keys whose values a checkpoint's optimizer and scheduler state carries (the learning rate in the
+# scheduler's base_lrs, the rest in the optimizer's param_groups): on resume the checkpoint's would be used.
+OPTIMIZER_STATE_KEYS = ("name", "lr", "ref_batch_size", "weight_decay", "betas", "eps")
 
 
 def restore(run: Run) -> None:
@@ -553,14 +669,24 @@ def restore(run: Run) -> None:
             f"{run.resume} was written with a global batch of {state['global_batch']}, this run has "
             f"{opt.global_batch} (batch_size x processes x grad_accum); resume with the same global batch"
         )
+    written = state.get("config", {}).get("optimizer", {})
+    for key in OPTIMIZER_STATE_KEYS:
+        old, new = written.get(key), to_dict(run.cfg)["optimizer"][key]
+        if key in written and old != new:
+            raise TrainingError(
+                f"{run.resume} was trained with optimizer.{key}={old}, this run sets {new}: its optimizer state "
+                f"would keep {old}. Resume with optimizer.{key}={old}, or start a new run in another output_dir"
+            )
     opt.optimizer.load_state_dict(state["optimizer"])
     opt.scheduler.load_state_dict(state["scheduler"])
     if opt.scaler is not None and state["scaler"] is not None:
         opt.scaler.load_state_dict(state["scaler"])
     if run.ema is not None and state["ema"] is not None:
         run.ema.load_state_dict(state["ema"])
+        run.ema_updates = state.get("ema_updates", state["global_step"])
     run.epoch, run.step_in_epoch, run.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
     run.best_top1 = state["best_top1"]
+    run.best_weights = state.get("best_weights", "live")
 
 
 def seed_streams(run: Run) -> None:
@@ -583,14 +709,24 @@ def start_logs(run: Run) -> None:
     cfg, out_dir = run.cfg, run.out_dir
     n_params = sum(p.numel() for p in run.raw_model.parameters())
     if run.master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for path in ckpt.remove_stale_temporaries(out_dir):
-            run.log(f"removed {path.name}, left by a save that was killed")
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        wandb_project = cfg.logging.wandb_project if cfg.logging.wandb else None
-        run.logger = MetricsLogger(
-            out_dir, run.resume is not None, cfg.logging.tensorboard, wandb_project, to_dict(cfg)
-        )
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            if run.overwrite and run_files(out_dir):
+                removed = run_files(out_dir)
+                for name in removed:
+                    path = out_dir / name
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
+                run.log(f"--overwrite: deleted the earlier run's {', '.join(removed)} in {out_dir}")
+            for path in ckpt.remove_stale_temporaries(out_dir):
+                run.log(f"removed {path.name}, left by a save that was killed")
+            (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            wandb_project = cfg.logging.wandb_project if cfg.logging.wandb else None
+            run.logger = MetricsLogger(out_dir, run.append_logs, cfg.logging.tensorboard, wandb_project, to_dict(cfg))
+        except OSError as e:
+            raise TrainingError(f"output_dir {out_dir}: {e.strerror or e} ({e.filename or out_dir})") from None
         run.logger.log(
             "run",
             description=cfg.description,
@@ -603,6 +739,9 @@ def start_logs(run: Run) -> None:
             epochs=cfg.schedule.epochs,
             steps_per_epoch=run.data.steps_per_epoch,
             world_size=run.world,
+            process_group=dist.get_backend() if dist.is_initialized() else None,
+            ddp=isinstance(getattr(run.model, "_orig_mod", run.model), DistributedDataParallel),  # compiled or not
+            sync_bn=any(isinstance(m, nn.SyncBatchNorm) for m in run.raw_model.modules()),
             eval_every=cfg.eval.every,
             eval_drop_last=cfg.eval.drop_last,
             global_batch=run.opt.global_batch,
@@ -644,6 +783,8 @@ def save_checkpoint(run: Run, epoch: int, step_in_epoch: int, progress: dict | N
                 "global_step": run.global_step,
                 "global_batch": opt.global_batch,
                 "best_top1": run.best_top1,
+                "best_weights": run.best_weights,
+                "ema_updates": run.ema_updates,
                 "elapsed_s": time.time() - run.run_clock,
                 "rng": rng,
                 "world_size": run.world,
@@ -659,36 +800,53 @@ def last_good_checkpoint(run: Run) -> str:
     return str(last) if last.exists() else "none written yet"
 
 
-def forward_backward(run: Run, batches, progress: EpochProgress) -> torch.Tensor:
-    """``grad_accum`` micro-batches into the gradients; returns this rank's mean loss of the step."""
+def forward_backward(run: Run, batches, progress: EpochProgress) -> tuple[torch.Tensor, int]:
+    """``grad_accum`` micro-batches into the gradients; returns this rank's summed loss and how many micro-batches
+    it sums. A micro-batch whose images were all unreadable adds nothing (under DDP a zero-weighted pass over a
+    black image keeps this rank in step with the others' gradient all-reduce)."""
     cfg, opt, accum = run.cfg, run.opt, run.cfg.train.grad_accum
-    loss_acc = torch.zeros((), device=run.device)
+    loss_sum, counted = torch.zeros((), device=run.device), 0
     for micro in range(accum):
         images, labels, n_skipped = next(batches)
         progress.skipped += n_skipped
+        if opt.mixup and len(images) % 2:  # mixup pairs images; a skipped unreadable one made the batch odd
+            images, labels = images[:-1], labels[:-1]
+        if len(images) == 0 and not dist.is_initialized():
+            continue
+        weight = 1.0
+        if len(images) == 0:
+            size, channels = cfg.model.img_size, cfg.model.kwargs.get("in_chans", 3)
+            images, weight = torch.zeros(1, channels, size, size, device=run.device), 0.0
+        elif opt.mixup:
+            images, labels = opt.mixup(images, labels)
         if cfg.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        if opt.mixup:
-            if len(images) % 2:  # mixup pairs images; a skipped unreadable one made the batch odd
-                images, labels = images[:-1], labels[:-1]
-            images, labels = opt.mixup(images, labels)
-        progress.images += len(images)
         sync = run.world == 1 or micro == accum - 1  # DDP all-reduces gradients on the last micro-batch
         with nullcontext() if sync else run.model.no_sync():
             with opt.autocast():
-                loss = opt.loss_fn(run.model(images), labels)
+                outputs = run.model(images)
+                loss = opt.loss_fn(outputs, labels) if weight else outputs.float().sum() * weight
             if cfg.debug.nan_at_step == run.global_step + 1:
                 loss = loss * float("nan")
             (opt.scaler.scale(loss / accum) if opt.scaler else loss / accum).backward()
             if cfg.debug.nan_grad_at_step == run.global_step + 1:
                 next(p for p in run.raw_model.parameters() if p.grad is not None).grad.fill_(float("nan"))
-        loss_acc += loss.detach().float() / accum
-    return loss_acc
+        if weight:
+            progress.images += len(images)
+            loss_sum += loss.detach().float()
+            counted += 1
+    return loss_sum, counted
 
 
-def apply_update(run: Run, step_loss: float, epoch: int) -> None:
-    """One optimizer step, unless the loss or the gradient is not finite: then stop before touching the weights."""
+def apply_update(run: Run, step_loss: float | None, epoch: int) -> None:
+    """One optimizer step, unless the loss or the gradient is not finite: then stop before touching the weights.
+    ``step_loss`` None: no rank had a readable image in this step; it counts, but the weights stay as they are."""
     opt = run.opt
+    if step_loss is None:
+        opt.optimizer.zero_grad(set_to_none=True)
+        opt.scheduler.step()
+        run.global_step += 1
+        return
     if not math.isfinite(step_loss):
         raise TrainingError(
             f"non-finite loss ({step_loss}) at optimizer step {run.global_step + 1} (epoch {epoch + 1}); "
@@ -717,6 +875,7 @@ def apply_update(run: Run, step_loss: float, epoch: int) -> None:
     run.global_step += 1
     if run.ema is not None:
         run.ema.update(run.raw_model, step=run.global_step)
+        run.ema_updates += 1
 
 
 def train_one_epoch(run: Run, epoch: int, preemption: Preemption) -> EpochProgress:
@@ -746,28 +905,31 @@ def train_one_epoch(run: Run, epoch: int, preemption: Preemption) -> EpochProgre
     )
     try:
         for step_in_epoch in range(first_step, data.steps_per_epoch):
-            loss_acc = forward_backward(run, batches, progress)
+            loss_sum, counted = forward_backward(run, batches, progress)
             # One all-reduce per step: the loss, a signal on any rank, and rank 0's checkpoint clock.
             due = run.master and (time.time() - run.last_save) / 60 >= cfg.checkpoint.every_minutes
-            flags = torch.tensor([preemption.signal is not None, due], device=run.device, dtype=loss_acc.dtype)
-            loss_total, preempted, due = all_reduce(torch.cat([loss_acc.view(1), flags])).tolist()
-            step_loss = loss_total / run.world  # the mean over ranks; NaN if any rank has NaN
+            flags = [counted, preemption.signal is not None, due]
+            flags = torch.tensor(flags, device=run.device, dtype=loss_sum.dtype)
+            loss_total, counted, preempted, due = all_reduce(torch.cat([loss_sum.view(1), flags])).tolist()
+            # The mean over all ranks' micro-batches with images (NaN if any is NaN); None if there were none.
+            step_loss = loss_total / counted if counted else None
             apply_update(run, step_loss, epoch)
-            progress.loss_sum, progress.steps = progress.loss_sum + step_loss, progress.steps + 1
+            if step_loss is not None:
+                progress.loss_sum, progress.steps = progress.loss_sum + step_loss, progress.steps + 1
 
             images_per_s = progress.images * run.world / (time.time() - epoch_start)
             current_lr = run.opt.optimizer.param_groups[0]["lr"]
             steps_left = epochs * data.steps_per_epoch - run.global_step
-            eta_h = steps_left * (time.time() - epoch_start) / progress.steps / 3600
+            eta_h = steps_left * (time.time() - epoch_start) / (step_in_epoch + 1 - first_step) / 3600
             bar.set_postfix(
-                loss=f"{step_loss:.4f}",
+                loss="-" if step_loss is None else f"{step_loss:.4f}",
                 lr=f"{current_lr:.2e}",
                 img_s=f"{images_per_s:.1f}",
                 run_eta=f"{eta_h:.2f}h",
                 refresh=False,
             )
             bar.update()
-            if run.master and run.global_step % cfg.train.log_every == 0:
+            if run.master and run.global_step % cfg.train.log_every == 0 and step_loss is not None:
                 run.logger.log(
                     "step",
                     step=run.global_step,
@@ -782,14 +944,16 @@ def train_one_epoch(run: Run, epoch: int, preemption: Preemption) -> EpochProgre
             if preempted:  # all ranks agree (above); this step's state, even at the epoch's last step
                 save_checkpoint(run, epoch, step_in_epoch + 1, progress.saved())
                 bar.close()
+                interrupted = preemption.signal == "SIGINT"  # Ctrl-C: stop, but do not requeue
+                status = INTERRUPTED if interrupted else PREEMPTED
                 run.log(
                     f"{preemption.signal or 'a signal on another rank'}: saved {run.out_dir / 'last.pt'} after step "
-                    f"{run.global_step}; --resume auto continues (exit status {PREEMPTED})"
+                    f"{run.global_step}; --resume auto continues (exit status {status})"
                 )
                 if run.master:
                     run.logger.close()
-                    requeue_slurm_job(cfg.checkpoint.requeue, run.log)
-                raise SystemExit(PREEMPTED)
+                    requeue_slurm_job(cfg.checkpoint.requeue and not interrupted, run.log)
+                raise SystemExit(status)
             every = cfg.checkpoint.every_steps
             if progress.mid_epoch and (progress.stop or due or (every and run.global_step % every == 0)):
                 save_checkpoint(run, epoch, step_in_epoch + 1, progress.saved())
@@ -818,17 +982,27 @@ def validate(run: Run, epoch: int, record: dict) -> None:
         val_skipped_images=metrics["skipped"],
         val_images=metrics["images"],
     )
-    score = metrics["top1"]
+    scores = {"live": metrics}
     if run.ema is not None:
-        ema_metrics = score_of(run.ema.module)
-        record.update(ema_top1=ema_metrics["top1"], ema_top5=ema_metrics["top5"])
-        score = ema_metrics["top1"]  # with EMA, model selection uses the EMA weights
+        scores["ema"] = score_of(run.ema.module)
+        record.update(ema_top1=scores["ema"]["top1"], ema_top5=scores["ema"]["top5"], ema_updates=run.ema_updates)
+    for weights, result in scores.items():
+        if result["nonfinite"]:
+            run.log(
+                f"warning: {result['nonfinite']} of {result['images']} validation images gave non-finite logits "
+                f"with the {weights} weights (counted as misses)"
+            )
+    # A warmed-up EMA selects the model; before, the EMA is mostly the first steps' weights and the live ones do.
+    selected = "ema" if run.ema is not None and run.ema_updates >= ema_horizon(cfg.train.ema_decay) else "live"
+    score = scores[selected]["top1"]
+    record["selected_weights"] = selected
     if score > run.best_top1:
-        run.best_top1 = score
+        run.best_top1, run.best_weights = score, selected
         if run.master:
             ckpt.atomic_save(
                 {
-                    "model": run.raw_model.state_dict(),
+                    "model": (run.ema.module if selected == "ema" else run.raw_model).state_dict(),
+                    "weights": selected,  # which weights "model" holds and "top1" scores: "live" or "ema"
                     "ema": run.ema.state_dict() if run.ema else None,
                     "epoch": epoch + 1,
                     "top1": score,
@@ -836,7 +1010,13 @@ def validate(run: Run, epoch: int, record: dict) -> None:
                 },
                 run.out_dir / "best.pt",
             )
-    record["best_top1"] = run.best_top1
+    record["best_top1"], record["best_weights"] = run.best_top1, run.best_weights
+
+
+def ema_horizon(decay: float) -> int:
+    """Updates after which the EMA selects the model: its averaging horizon, 1 / (1 - decay) (5,000 at 0.9998),
+    when the weights of the first step have less than 1/e of the weight."""
+    return math.ceil(round(1 / (1 - decay), 6))
 
 
 def finish_epoch(run: Run, epoch: int, progress: EpochProgress) -> dict:
@@ -844,6 +1024,11 @@ def finish_epoch(run: Run, epoch: int, progress: EpochProgress) -> dict:
     cfg = run.cfg
     counts = all_reduce(torch.tensor([progress.images, progress.skipped], dtype=torch.float64, device=run.device))
     images, skipped = counts.tolist()
+    if images == 0 and progress.prior_steps == 0:
+        raise TrainingError(
+            f"every training image of epoch {epoch + 1} was unreadable ({int(skipped)} skipped); check the dataset "
+            "(the warnings above name the files)"
+        )
     record = dict(
         epoch=epoch + 1,
         step=run.global_step,
@@ -870,6 +1055,9 @@ def finish_epoch(run: Run, epoch: int, progress: EpochProgress) -> dict:
         summary += f", val top-1 {record['val_top1']:.2f}% top-5 {record['val_top5']:.2f}%"
     if "ema_top1" in record:
         summary += f", EMA top-1 {record['ema_top1']:.2f}%"
+        horizon = ema_horizon(cfg.train.ema_decay)
+        if record["selected_weights"] == "live":
+            summary += f" (warming up: {run.ema_updates} of {horizon} updates; best.pt takes the live weights)"
     run.log(f"{summary}, {record['images_per_s']:.1f} img/s, {progress.seconds:.1f} s")
     return record
 
@@ -879,7 +1067,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.nproc_per_node > 1 and "RANK" not in os.environ:
         raise SystemExit(launch_local(args.nproc_per_node, sys.argv[1:] if argv is None else argv))
     cfg = load_config(args.config, [kv for group in args.overrides for kv in group])
-    run = setup(cfg, args.resume)
+    run = setup(cfg, args.resume, args.overwrite)
     restore(run)
     start_logs(run)
     epochs = cfg.schedule.epochs
@@ -911,10 +1099,15 @@ def main(argv: list[str] | None = None) -> None:
                 step=run.global_step,
                 epochs=epochs,
                 best_top1=run.best_top1,
+                best_weights=run.best_weights,
                 final_top1=record["val_top1"],
                 elapsed_h=record["elapsed_h"],
             )
-        run.log(f"done: best top-1 {run.best_top1:.2f}%, {record['elapsed_h']:.2f} h; checkpoints in {run.out_dir}")
+        weights = "EMA" if run.best_weights == "ema" else "live"
+        run.log(
+            f"done: best top-1 {run.best_top1:.2f}% ({weights} weights, in best.pt), {record['elapsed_h']:.2f} h; "
+            f"checkpoints in {run.out_dir}"
+        )
     if run.master:
         run.logger.close()
 
@@ -926,6 +1119,10 @@ if __name__ == "__main__":
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C before training started, or a second one during it
+        if int(os.environ.get("RANK", 0)) == 0:
+            print("\ninterrupted: stopped without saving", file=sys.stderr, flush=True)
+        sys.exit(INTERRUPTED)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

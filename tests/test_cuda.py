@@ -164,3 +164,42 @@ def test_flex_attention_trains_like_windowed_sdpa(size, ieee_fp32):
     assert relative_error(got, want.cpu().double()) <= OUTPUT_RTOL["fp32"]
     whole, median = gradient_errors(got_grads, {n: g.cpu().double() for n, g in want_grads.items()})
     assert whole <= GRAD_RTOL["fp32"] and median <= GRAD_MEDIAN_RTOL["fp32"], f"{whole:.2e}, {median:.2e}"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_stem_strips_compute_the_whole_stem_on_cuda(precision, ieee_fp32, monkeypatch):
+    """The stem with its convolutions in strips (a threshold lowered to force them) against the whole stem."""
+    from atlas.stem import ConvStem, StripConv2d
+
+    torch.manual_seed(0)
+    stem = ConvStem(3, 16, 16, 1).cuda().train()
+    whole = copy.deepcopy(stem)
+    images = torch.randn(2, 3, 256, 200, device="cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16")
+    with autocast:
+        want = whole(images)
+    monkeypatch.setattr(StripConv2d, "max_elements", 64 * 128 * 20)  # the embedding's convolutions in strips
+    with autocast:
+        got = stem(images)
+    assert relative_error(got, want.cpu().double()) <= OUTPUT_RTOL[precision]
+    got.float().square().mean().backward()
+    want.float().square().mean().backward()
+    grads = {n: p.grad for n, p in stem.named_parameters()}
+    whole_grads = {n: p.grad.cpu().double() for n, p in whole.named_parameters()}
+    total, median = gradient_errors(grads, whole_grads)
+    assert total <= GRAD_RTOL[precision] and median <= GRAD_MEDIAN_RTOL[precision], f"{total:.2e}, {median:.2e}"
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_a_fresh_compiled_model_trains_without_recompiling(attention):
+    """Three training steps of a model compiled before its first call: one graph (the geometry, FlexAttention's
+    block mask included, built inside it), no recompilation."""
+    torch._dynamo.reset()
+    model = build("atlas_tiny_patch16", 512, attention=attention).cuda()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    images = torch.randn(2, 3, 512, 512, device="cuda")
+    with torch._dynamo.config.patch(error_on_recompile=True), torch.autocast("cuda", dtype=torch.bfloat16):
+        for _ in range(3):
+            compiled(images).float().square().mean().backward()
+    torch._dynamo.reset()
+    assert not model._geometry

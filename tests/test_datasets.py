@@ -80,8 +80,10 @@ def test_image_folder_skips_unreadable_images(tmp_path, caplog):
 
     images, labels, skipped = collate_skip_unreadable([(torch.ones(3), 1), None, (torch.zeros(3), 0)])
     assert images.shape == (2, 3) and labels.tolist() == [1, 0] and skipped == 1
-    with pytest.raises(RuntimeError, match="all 2 images of a batch were unreadable"):
-        collate_skip_unreadable([None, None])
+    images, labels, skipped = collate_skip_unreadable([None, None])  # the trainer skips such a batch
+    assert len(images) == 0 and labels.shape == (0,) and skipped == 2
+    crops, labels, skipped = collate_skip_unreadable([None], stack=False)
+    assert crops == [] and labels.shape == (0,) and skipped == 1
 
 
 def test_image_folder_layout_errors_name_the_path(tmp_path):
@@ -93,3 +95,15 @@ def test_image_folder_layout_errors_name_the_path(tmp_path):
     make_folder(tmp_path / "three", classes=("a", "b", "c"))
     with pytest.raises(ValueError, match="has 3 class folders but data.num_classes is 2"):
         build_dataset("imagefolder", "train", root=str(tmp_path / "three"), num_classes=2)
+
+
+def test_val_class_folders_must_be_trains_by_name(tmp_path):
+    """Labels are the class folders in sorted order: a val split with other folders would shift them silently."""
+    make_folder(tmp_path, classes=("cat", "dog", "owl"), per_class=1)
+    (tmp_path / "val" / "dog").rename(tmp_path / "val" / "dgo")
+    assert build_dataset("imagefolder", "train", root=str(tmp_path), num_classes=3).classes == ["cat", "dog", "owl"]
+    with pytest.raises(ValueError, match=r"not those of .*train .*: 1 missing \(dog\), 1 not in train \(dgo\)"):
+        build_dataset("imagefolder", "val", root=str(tmp_path), num_classes=3)
+    (tmp_path / "val" / "dgo").rename(tmp_path / "val" / "dog")
+    val = build_dataset("imagefolder", "val", root=str(tmp_path), num_classes=3)
+    assert val.class_to_idx == {"cat": 0, "dog": 1, "owl": 2}

@@ -2,6 +2,7 @@
 creates nothing on the host, fullgraph compilation, FlexAttention keys without per-window copies, a fused
 kernel for padded inputs, cached position tables, and stem checkpointing."""
 
+import copy
 import warnings
 
 import pytest
@@ -76,8 +77,55 @@ def test_the_whole_model_compiles_as_one_graph(img_size):
     with torch.no_grad():
         want = model(x)
         compiled = torch.compile(model, fullgraph=True, backend="eager")
-        for _ in range(2):  # the first call caches the geometry, the second compiles the cached path
+        for _ in range(2):
             torch.testing.assert_close(compiled(x), want)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_a_fresh_model_compiles_once_for_its_training_steps(attention):
+    """The first compiled call builds the geometry inside the graph without storing it, so the second call's
+    guards see what the first one's saw: one compilation per input size (a failing guard raises here)."""
+    torch._dynamo.reset()
+    model = small_atlas((72, 40), attention=attention)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    x = torch.randn(2, 3, 72, 40)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            if attention == "flex":  # FlexAttention trains on CUDA only: forward passes here
+                with torch.no_grad():
+                    compiled(x)
+            else:
+                compiled(x).square().sum().backward()
+    assert not model._geometry  # nothing was stored while tracing
+
+
+def test_regional_compilation_compiles_each_distinct_unit_once():
+    """``compile_regions``: units of equal shapes share a graph, and a second step compiles nothing new."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.manual_seed(1)
+    model = Atlas(img_size=128, depths=(2, 1, 1), stem_depth=2, **SMALL)  # three scales
+    model.set_grad_checkpointing(True)  # eager checkpoints around compiled units, as training at 4096px runs
+    eager = copy.deepcopy(model)
+    units = len(model.stem.units()) + sum(len(stage.blocks) for stage in model.stages)
+    symbolic = []  # per graph: does any input have a size the compiler treats as a variable?
+
+    def backend(graph_module, example_inputs):
+        values = [node.meta.get("example_value") for node in graph_module.graph.find_nodes(op="placeholder")]
+        symbolic.append(any(isinstance(n, torch.SymInt) for v in values if hasattr(v, "shape") for n in v.shape))
+        return graph_module.forward
+
+    model.compile_regions(backend=backend)
+    x = torch.randn(2, 3, 128, 128)
+    for step in range(2):
+        with torch._dynamo.config.patch(error_on_recompile=step > 0):
+            model(x).square().sum().backward()
+        eager(x).square().sum().backward()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs < units, (graphs, units)  # the two residual blocks of stem stage 1 and the two first MSA blocks
+    assert symbolic and not any(symbolic)  # a new shape compiles a static graph, not one for every size
+    for got, want in zip(model.parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(got.grad, want.grad)
 
 
 @pytest.mark.parametrize("checkpointed", [False, True], ids=["plain", "checkpointed"])

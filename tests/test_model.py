@@ -2,6 +2,7 @@
 
 import copy
 import re
+import warnings
 
 import pytest
 import timm
@@ -324,3 +325,95 @@ def test_released_training_checkpoints_load_safely(tmp_path, monkeypatch):
     for name in ("evil.pt", "text.pt"):
         with pytest.raises(ValueError, match="not a checkpoint this code can read safely"):
             safe_load(tmp_path / name)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(img_size="64"), TypeError, r"img_size must be an int or \(H, W\) of ints, got '64'"),
+        (dict(img_size=64.5), TypeError, r"img_size must be an int or \(H, W\) of ints, got 64.5"),
+        (dict(img_size=(64, 0)), ValueError, r"img_size must be \(H, W\) with both sides >= patch_size"),
+        (dict(num_heads="3"), TypeError, "num_heads must be an int, got '3'"),
+        (dict(patch_size=0), ValueError, "patch_size must be >= 1, got 0"),
+        (dict(num_heads=0), ValueError, "num_heads must be >= 1, got 0"),
+        (dict(mlp_ratio=0), ValueError, "mlp_ratio must be > 0, got 0"),
+        (dict(mlp_ratio="4"), TypeError, "mlp_ratio must be a number, got '4'"),
+        (dict(window_size=0), ValueError, "window_size must be >= 1, got 0"),
+    ],
+)
+def test_constructor_arguments_of_the_wrong_type_or_zero_are_clear_errors(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        AtlasConfig(**kwargs)
+    with pytest.raises(error, match=message):
+        Atlas(**{**TINY, **kwargs})
+
+
+def test_a_window_larger_than_the_token_grid_warns_that_the_model_has_one_scale():
+    """64px at patch 16 is a 4x4 token grid, inside one 16x16 window: a single-scale model. A warning rather than an
+    error: single-scale Atlas models are legitimate (DEPTHS_BASE[1], the 224px default of scripts/train.py)."""
+    with pytest.warns(UserWarning, match=r"window_size 16 is larger than the 4x4 token grid .* one scale"):
+        config = AtlasConfig(img_size=64, **TINY)
+    assert config.layout.num_scales == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AtlasConfig(img_size=256, **TINY)  # 16x16 tokens: exactly one window, as atlas_tiny_patch16's default size
+        AtlasConfig(img_size=64, multiscale=False, **TINY)  # asked for
+        AtlasConfig(img_size=64, window_size=2, pool_stride=2, **TINY)
+
+
+def test_check_input_names_what_the_model_expects():
+    model = Atlas(img_size=320, **TINY).eval()
+    with pytest.raises(TypeError, match=r"expected a torch.Tensor of images \(B, 3, H, W\), got numpy.ndarray"):
+        model(torch.zeros(1, 3, 320, 320).numpy())
+    with pytest.raises(
+        TypeError, match=r"floating-point images in torch.float32 \(the weights. dtype\), got torch.uint8.*normalised"
+    ):
+        model(torch.zeros(1, 3, 320, 320, dtype=torch.uint8))
+    with pytest.raises(TypeError, match=r"in torch.float32 .*, got torch.float64"):
+        model(torch.zeros(1, 3, 320, 320, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"an empty batch \(0, 3, 320, 320\)"):
+        model(torch.zeros(0, 3, 320, 320))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts: float32 images are fine
+        assert model(torch.zeros(1, 3, 320, 320)).shape == (1, 5)
+
+
+def test_convert_command_failures_are_one_line_errors_and_it_never_overwrites_its_input(tmp_path, data_dir):
+    from atlas.convert import main as convert
+
+    ref = torch.load(data_dir / "official_tiny_512.pt", weights_only=False)
+    released = tmp_path / "released.pth"
+    torch.save({"model": ref["state_dict"]}, released)
+    before = released.read_bytes()
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    torch.save({"head.weight": torch.zeros(2, 2)}, tmp_path / "ours.pt")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    torch.save({"atlas_models.0.mystery.weight": torch.zeros(1)}, tmp_path / "unknown.pt")
+    cases = {
+        (tmp_path / "missing.pth", tmp_path / "out.pt"): "checkpoint not found",
+        (tmp_path / "text.pt", tmp_path / "out.pt"): "not a checkpoint this code can read safely",
+        (tmp_path / "ours.pt", tmp_path / "out.pt"): "not in the released Atlas format",
+        (tmp_path / "tensor.pt", tmp_path / "out.pt"): "holds no state dict",
+        (tmp_path / "unknown.pt", tmp_path / "out.pt"): "'atlas_models.0.mystery.weight' is not part of the released",
+        (released, tmp_path / "no-such-folder" / "out.pt"): "output folder .*no-such-folder does not exist",
+        (released, tmp_path / "." / "released.pth"): "released.pth is the input",
+        (released, tmp_path): "is a folder: name the file",
+    }
+    for (source, output), message in cases.items():
+        with pytest.raises(SystemExit, match="^error: .*" + message) as error:
+            convert([str(source), str(output)])
+        assert "\n" not in str(error.value), message
+    assert released.read_bytes() == before and not (tmp_path / "out.pt").exists()
+    convert([str(released), str(tmp_path / "out.pt")])
+    assert torch.equal(torch.load(tmp_path / "out.pt")["head.bias"], ref["state_dict"]["fc.bias"])
+
+
+def test_an_initial_model_gives_finite_logits_under_bf16_autocast():
+    """Fresh weights and BatchNorm statistics (as a new EMA evaluates them), normalised-image-like input: finite
+    logits in eval mode at 512px (two scales, as at 1024px) and in training mode at 256px. CPUs without bf16 units
+    run the stem's bf16 convolutions on a slow path, which keeps these sizes small; the GPU check's bf16 training
+    rows cover 1024px and more on CUDA."""
+    torch.manual_seed(0)
+    for size, mode in ((512, "eval"), (256, "train")):
+        model = getattr(timm.create_model("atlas_tiny_patch16", img_size=size, num_classes=10), mode)()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model(torch.randn(1, 3, size, size)).float().isfinite().all(), (size, mode)

@@ -106,3 +106,85 @@ def test_text_labels_and_clear_input_errors(tmp_path, classes):
 def test_shipped_class_list_has_100_classes():
     wnids = prepare_hr_in100.read_classes(prepare_hr_in100.CLASSES)
     assert len(wnids) == 100 and all(w.startswith("n") and len(w) == 9 for w in wnids)
+
+
+def originals(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*.JPEG"))}
+
+
+@pytest.mark.parametrize(
+    "out", [".", "train", "elsewhere/../val/n01000001"], ids=["same", "inside", "inside, unresolved"]
+)
+def test_an_output_inside_the_source_is_refused_and_nothing_is_deleted(tmp_path, classes, out):
+    root = tmp_path / "in1k"
+    fake_imagenet(root, flat_val=False)
+    before = originals(root)
+    args = ["--imagenet", str(root), "--out", str(root / out), "--classes", str(classes), "--no-check-counts"]
+    with pytest.raises(SystemExit, match="error: --out .* is inside --imagenet"):
+        prepare_hr_in100.main(args)
+    assert originals(root) == before and not any(p.is_symlink() for p in root.rglob("*"))
+
+
+def test_regular_files_at_the_destination_are_kept_and_reported(tmp_path, classes, capsys):
+    fake_imagenet(tmp_path / "in1k", flat_val=False)
+    mine = tmp_path / "out" / "train" / WNIDS[0] / f"{WNIDS[0]}_1.JPEG"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"my own file")
+    status, report = run(tmp_path, classes, "--no-check-counts")
+    assert status == 1 and not report["ok"]
+    assert not mine.is_symlink() and mine.read_bytes() == b"my own file"
+    assert report["not_replaced"] == [str(mine)] and report["counts"]["train"] == 8
+    err = capsys.readouterr().err
+    assert f"error: {mine} is not a link; left as it is" in err
+
+
+def test_a_rerun_with_fewer_classes_removes_the_stale_links_and_keeps_other_files(tmp_path, classes, capsys):
+    fake_imagenet(tmp_path / "in1k", flat_val=False)
+    assert run(tmp_path, classes, "--no-check-counts")[0] == 0
+    out = tmp_path / "out"
+    notes = out / "val" / WNIDS[2] / "notes.txt"
+    notes.write_text("kept")
+    fewer = tmp_path / "fewer.txt"
+    fewer.write_text("\n".join(WNIDS[:2]) + "\n")
+    capsys.readouterr()
+    status, report = run(tmp_path, fewer, "--no-check-counts")
+    captured = capsys.readouterr()
+    assert report["counts"] == {"train": 6, "val": 4} and report["stale_links_removed"] == 5
+    assert "removed 5 stale links" in captured.out
+    assert not (out / "train" / WNIDS[2]).exists()  # its links removed, then the empty folder
+    assert notes.read_text() == "kept" and status == 1
+    assert f"{out / 'val' / WNIDS[2]} is not a class of {fewer}" in captured.err
+    assert all(p.resolve().is_file() for p in (tmp_path / "in1k").rglob("*.JPEG"))
+
+
+def test_input_and_output_mistakes_are_one_line_errors(tmp_path, classes):
+    root = tmp_path / "in1k"
+    fake_imagenet(root, flat_val=True)
+    base = ["--imagenet", str(root), "--no-check-counts", "--workers", "1"]
+    out = ["--out", str(tmp_path / "out")]
+    (tmp_path / "file").write_text("not a folder")
+    unknown = tmp_path / "unknown.txt"
+    unknown.write_text("n09999998\nn09999999\n")
+    cases = {
+        "class list": ([*base, *out, "--classes", str(tmp_path / "none.txt")], "class list .*none.txt not found"),
+        "labels": (
+            [*base, *out, "--classes", str(classes), "--val-labels", str(tmp_path / "no.csv")],
+            "labels file .*no.csv not found",
+        ),
+        "out is a file": (
+            [*base, "--out", str(tmp_path / "file"), "--classes", str(classes)],
+            "--out .*file: .*file is a file",
+        ),
+        "out under a file": (
+            [*base, "--out", str(tmp_path / "file" / "o"), "--classes", str(classes)],
+            "--out .*o: .*file is a file",
+        ),
+        "unknown ids": (
+            [*base, *out, "--classes", str(unknown)],
+            r"none of the 2 classes of .*unknown.txt is a folder of .*train \(e.g. n09999998\)",
+        ),
+    }
+    for name, (args, message) in cases.items():
+        with pytest.raises(SystemExit, match="error: " + message) as e:
+            prepare_hr_in100.main(args)
+        assert "\n" not in str(e.value), name

@@ -1,11 +1,13 @@
 """scripts/train.py end to end on CPU: two processes under torchrun (gloo), exact resume, and clear failures."""
 
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -355,3 +357,244 @@ def test_bad_resume_inputs_are_one_line_errors(ddp_run, tmp_path):
         assert result.returncode == 1, name
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (name, lines)
+
+
+def one_error_line(result) -> str:
+    """The last stderr line, checked to be the only 'error:' line and free of a traceback."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in result.stderr and lines and lines[-1].startswith("error: "), result.stderr[-3000:]
+    assert sum(line.startswith("error: ") for line in lines) == 1, lines
+    return lines[-1]
+
+
+def test_a_folder_with_any_of_a_runs_files_is_never_started_over_silently(tmp_path):
+    """best.pt, metrics.jsonl and config.yaml without last.pt: a plain run and --resume auto are refused, naming
+    what was found, and leave the files as they are; --overwrite starts over."""
+    out = tmp_path / "run"
+    out.mkdir()
+    old = {"best.pt": b"the best weights", "metrics.jsonl": b'{"kind": "epoch"}\n', "config.yaml": b"seed: 0\n"}
+    for name, content in old.items():
+        (out / name).write_bytes(content)
+    found = r"already holds a run \(best.pt, metrics.jsonl, config.yaml\): --overwrite starts over"
+    with pytest.raises(train_script.TrainingError, match=found):
+        train_script.find_resume(None, out)
+    with pytest.raises(train_script.TrainingError, match="--overwrite starts over, --resume continues"):
+        train_script.find_resume("auto", out, overwrite=True)
+    elsewhere = tmp_path / "other.pt"
+    elsewhere.write_bytes(b"")
+    with pytest.raises(train_script.TrainingError, match="already holds another run"):
+        train_script.find_resume(str(elsewhere), out)
+    assert train_script.find_resume(None, out, overwrite=True) is None
+
+    result = train("--set", f"output_dir={out}", "--resume", "auto")
+    assert result.returncode == 1
+    line = one_error_line(result)
+    assert "holds a run without last.pt (best.pt, metrics.jsonl, config.yaml)" in line and "--overwrite" in line
+    assert {name: (out / name).read_bytes() for name in old} == old
+
+    result = train("--set", f"output_dir={out}", "schedule.epochs=1", "schedule.warmup_epochs=0", "--overwrite")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--overwrite: deleted the earlier run's best.pt, metrics.jsonl, config.yaml" in result.stdout
+    assert [r["epoch"] for r in records(out, "epoch")] == [1] and load(out / "best.pt")["epoch"] == 1
+
+
+def test_resume_auto_restarts_a_run_stopped_before_its_first_checkpoint(tmp_path):
+    """A requeued job killed in its first epoch left config.yaml and metrics.jsonl but no checkpoint: --resume auto
+    starts it again and keeps the old records (a plain run there is still refused)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("seed: 0\n")
+    (out / "metrics.jsonl").write_text('{"kind": "run", "step": 0}\n')
+    with pytest.raises(train_script.TrainingError, match="already holds a run"):
+        train_script.find_resume(None, out)
+    assert train_script.find_resume("auto", out) is None
+    result = train("--set", f"output_dir={out}", "schedule.epochs=1", "schedule.warmup_epochs=0", "--resume", "auto")
+    assert result.returncode == 0, result.stderr[-3000:]
+    kinds = [json.loads(line)["kind"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert kinds[0] == "run" and kinds.count("run") == 2 and "final" in kinds  # the old record, then the new run
+
+
+@pytest.mark.parametrize("where", ["file", "under a file", "read-only"])
+def test_an_output_dir_that_cannot_be_a_folder_is_a_one_line_error(tmp_path, where):
+    (tmp_path / "file").write_text("not a folder")
+    out = {"file": tmp_path / "file", "under a file": tmp_path / "file" / "run", "read-only": Path("/proc/atlas-run")}
+    message = {"file": "is a file", "under a file": f"is under {tmp_path / 'file'}, which is a file"}
+    with pytest.raises(train_script.TrainingError, match=message.get(where, "cannot write to /proc")):
+        train_script.check_output_dir(out[where])
+    if where == "file":  # end to end: one line, before any work
+        result = train("--set", f"output_dir={out[where]}")
+        assert result.returncode == 1 and "is a file; set output_dir to a folder" in one_error_line(result)
+
+
+def test_ctrl_c_saves_after_the_step_and_resumes(tmp_path):
+    """SIGINT to the whole process group, as a terminal's Ctrl-C (DataLoader workers included): the step finishes,
+    last.pt is written, the exit status is 130 without a traceback, and --resume auto continues."""
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(SCRIPTS / "train.py"), "--config", str(CONFIGS / "tiny_cpu_synthetic.yaml")]
+    out = tmp_path / "run"
+    proc = subprocess.Popen([*cmd, "--set", f"output_dir={out}", "data.workers=1"], cwd=ROOT, env=env, text=True,
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    jsonl, deadline = out / "metrics.jsonl", time.time() + 120
+    while not (jsonl.exists() and '"kind": "step"' in jsonl.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    assert "Ctrl-C: saving after this step" in stderr and "SIGINT: saved" in stdout and "exit status 130" in stdout
+    assert 0 < load(out / "last.pt")["global_step"] < 12
+    resumed = train("--set", f"output_dir={out}", "--resume", "auto")
+    assert resumed.returncode == 0 and load(out / "last.pt")["global_step"] == 12, resumed.stderr[-3000:]
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    try:
+        preemption = train_script.Preemption()
+        assert signal.getsignal(signal.SIGINT) == preemption._received
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs in this thread, between two bytecodes
+        assert preemption.signal == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@pytest.mark.parametrize("case", ["exact", "fast", "exact, 2 processes"])
+def test_a_batch_of_unreadable_images_is_skipped_and_counted(tmp_path, case):
+    """Batches of one image: the unreadable one is a whole batch, skipped and counted, in training and validation;
+    `fast` also takes a 1x1 image. With two processes the rank without images stays in step."""
+    data = tmp_path / "data"
+    write_image_folder(data, {"train": 5, "val": 2})
+    (data / "train" / "class1" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+    (data / "val" / "class2" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    if case == "fast":
+        Image.new("RGB", (1, 1), (9, 9, 9)).save(data / "train" / "class0" / "tiny.png")
+        Image.new("RGB", (1, 1), (9, 9, 9)).save(data / "val" / "class0" / "tiny.png")
+    out = tmp_path / "run"
+    result = train(
+        "--set",
+        f"output_dir={out}",
+        f"data.root={data}",
+        f"data.pipeline={case.split(',')[0]}",
+        "train.batch_size=1",
+        "eval.batch_size=1",
+        "aug.mixup=0",
+        "aug.cutmix=0",
+        "schedule.epochs=1",
+        "schedule.warmup_epochs=0",
+        nproc=2 if "2 processes" in case else 1,
+        config=CONFIGS / "tiny_cpu_imagefolder.yaml",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (epoch,) = records(out, "epoch")
+    assert epoch["skipped_images"] == 1 and epoch["val_skipped_images"] == 1
+    assert epoch["val_images"] == 6 + (case == "fast") and math.isfinite(epoch["train_loss"])
+
+
+def test_an_epoch_of_unreadable_images_is_a_one_line_error(tmp_path):
+    data = tmp_path / "data"
+    write_image_folder(data, {"val": 1})
+    for c in range(3):
+        (data / "train" / f"class{c}").mkdir(parents=True)
+        for i in range(6):
+            (data / "train" / f"class{c}" / f"{i}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+    result = train(
+        "--set", f"output_dir={tmp_path / 'run'}", f"data.root={data}", "schedule.epochs=1",
+        "schedule.warmup_epochs=0", config=CONFIGS / "tiny_cpu_imagefolder.yaml",
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "every training image of epoch 1 was unreadable (16 skipped)" in one_error_line(result)  # 1 step of 16
+
+
+def test_a_changed_optimizer_setting_on_resume_is_refused(tmp_path):
+    """The optimizer and scheduler state carry lr (and betas, weight decay, ...): a new value would be logged and
+    written to config.yaml but not used. It is refused, naming the key and both values."""
+    out = tmp_path / "run"
+    assert train("--set", f"output_dir={out}", "debug.max_steps=1").returncode == 0
+    config = (out / "config.yaml").read_text()
+    result = train("--set", f"output_dir={out}", "optimizer.lr=0.1", "--resume", "auto")
+    assert result.returncode == 1
+    assert "was trained with optimizer.lr=0.001, this run sets 0.1" in one_error_line(result)
+    assert (out / "config.yaml").read_text() == config
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.ema_decay=2", r"'train.ema_decay' must be in \[0, 1\); got 2"),
+        ("aug.label_smoothing=1.5", r"'aug.label_smoothing' must be in \[0, 1\)"),
+        ("aug.hflip=2", r"'aug.hflip' must be in \[0, 1\]"),
+        ("aug.scale=[1.0, 0.08]", r"'aug.scale' must be \[min, max\] with 0 < min <= max <= 1"),
+        ("aug.auto_augment=rand-m9-mstd0.5-incl", "invalid part 'incl'; rand takes m<int>, .*inc<0|1>"),
+        ("aug.auto_augment=randaugment-m9", "starts with 'randaugment'"),
+        ("optimizer.lr=-1", r"'optimizer.lr' must be in \(0, inf\); got -1"),
+        ("optimizer.name=adamww", r"'optimizer.name' is 'adamww', not a timm optimizer \(did you mean 'adamw'\?\)"),
+        ("optimizer.betas=[0.9]", "'optimizer.betas' expects two numbers"),
+        ("data.workers=-1", r"'data.workers' must be in \[0, inf\)"),
+        ("aug.interpolation=bicubc", r"'aug.interpolation' must be one of .*got 'bicubc' \(did you mean 'bicubic'\?\)"),
+    ],
+)
+def test_nonsense_settings_are_config_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / "tiny_cpu_synthetic.yaml", [override])
+
+
+def test_invalid_yaml_is_a_one_line_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  name: atlas_tiny_patch16\n   img_size: 64\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:3:\d+: not valid YAML \(.*\)"):
+        load_config(bad)
+    result = train(config=bad)
+    assert result.returncode == 1 and "not valid YAML" in one_error_line(result)
+
+
+def test_evaluate_counts_non_finite_logits_as_misses():
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            logits = torch.nn.functional.one_hot(torch.zeros(len(x), dtype=torch.long), 4).float()
+            logits[1:] = float("nan")  # image 0 predicted right, the others not finite
+            return logits
+
+    batches = [(torch.zeros(3, 1), torch.zeros(3, dtype=torch.long), 0)]
+    metrics = train_script.evaluate(Broken(), batches, torch.device("cpu"), nullcontext, False)
+    assert metrics["nonfinite"] == 2 and metrics["top1"] == pytest.approx(100 / 3)
+
+
+def test_ema_selects_the_model_only_once_warmed_up_and_best_pt_says_which_weights(tmp_path):
+    """12 updates at decay 0.9998 leave the EMA mostly the first step's weights: model selection and the done line
+    use the live weights. At decay 0.5 (horizon 2) the EMA selects, and best.pt holds the EMA's weights."""
+    slow, fast = tmp_path / "slow", tmp_path / "fast"
+    result = train("--set", f"output_dir={slow}", "train.ema=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warming up: 4 of 5000 updates; best.pt takes the live weights" in result.stdout
+    assert "(live weights, in best.pt)" in result.stdout.splitlines()[-1]
+    best = load(slow / "best.pt")
+    assert best["weights"] == "live" and best["top1"] == max(e["val_top1"] for e in records(slow, "epoch"))
+    assert records(slow, "final")[0]["best_weights"] == "live"
+
+    result = train("--set", f"output_dir={fast}", "train.ema=true", "train.ema_decay=0.5", "schedule.epochs=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    best = load(fast / "best.pt")
+    (epoch,) = records(fast, "epoch")
+    assert best["weights"] == "ema" and best["top1"] == epoch["ema_top1"] and epoch["selected_weights"] == "ema"
+    assert_same_tensors(best["model"], {k.removeprefix("module."): v for k, v in best["ema"].items()})
+    assert "(EMA weights, in best.pt)" in result.stdout.splitlines()[-1]
+
+
+def test_compile_auto_compiles_atlas_block_by_block_on_gpus_only():
+    atlas_model = train_script.build_model(load_config(CONFIGS / "tiny_cpu_synthetic.yaml"))
+    other = torch.nn.Linear(2, 2)
+    assert train_script.compile_mode("auto", atlas_model, torch.device("cuda")) == "regional"
+    assert train_script.compile_mode("auto", atlas_model, torch.device("cpu")) == "none"
+    assert train_script.compile_mode("auto", other, torch.device("cuda")) == "none"
+    assert train_script.compile_mode("full", other, torch.device("cpu")) == "full"
+    for old, new in ((True, "full"), (False, "none")):  # the older boolean spelling
+        assert (
+            load_config(CONFIGS / "tiny_cpu_synthetic.yaml", [f"train.compile={str(old).lower()}"]).train.compile == new
+        )
+    with pytest.raises(ConfigError, match="train.compile' must be one of auto, none, regional, full"):
+        load_config(CONFIGS / "tiny_cpu_synthetic.yaml", ["train.compile=regionl"])

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import yaml
 
+from .compiling import COMPILE_MODES
+
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
@@ -83,7 +85,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     device: str = "auto"  # auto (cuda when available), cuda or cpu
     amp: str = "bf16"  # bf16, fp16 or none; autocast is used on CUDA only
-    compile: bool = False
+    compile: bool | str = "auto"  # auto, none, regional (block by block) or full; true: full, false: none
     grad_checkpointing: bool = False
     channels_last: bool = False
     sync_bn: bool = True  # SyncBatchNorm (Atlas: the stem) with several GPUs
@@ -243,7 +245,13 @@ def read_yaml(path: Path, _seen: tuple = ()) -> dict:
         raise ConfigError(f"config files include each other in a loop: {' -> '.join(map(str, _seen + (path,)))}")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}{where}: not valid YAML ({problem})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
     bases = data.pop("base", None) or []
@@ -278,17 +286,139 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return cfg
 
 
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos")  # timm's str_to_pil_interp
+# The parts of timm's augmentation strings after the policy name (timm.data.auto_augment): a key, then its value
+# (a number that starts with a digit, or one of the listed words).
+AUGMENT_PARTS = {
+    "rand": {
+        "m": int,
+        "n": int,
+        "p": float,
+        "mstd": float,
+        "mmax": int,
+        "inc": ("0", "1"),
+        "t": ("weights", "3a", "3aw"),
+    },
+    "augmix": {"m": int, "w": int, "d": int, "a": float, "b": ("0", "1"), "mstd": float},
+    **{policy: {"mstd": float} for policy in ("original", "originalr", "v0", "v0r", "3a")},  # AutoAugment
+}
+
+
+def _closest(value: str, allowed) -> str:
+    close = difflib.get_close_matches(str(value), list(allowed), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _augment_part_ok(kind, value: str) -> bool:
+    if isinstance(kind, tuple):
+        return value in kind
+    try:
+        return value[:1].isdigit() and kind(value) >= 0
+    except ValueError:
+        return False
+
+
+def check_auto_augment(spec: str) -> None:
+    """ConfigError unless ``spec`` is an augmentation string timm reads as written: timm skips parts it does not
+    know (``rand-m9-incl`` is ``rand-m9``), so every part must be one of the policy's keys with a valid value."""
+    policy, *parts = spec.split("-")
+    if policy not in AUGMENT_PARTS:
+        raise ConfigError(
+            f"config key 'aug.auto_augment' starts with {policy!r}{_closest(policy, AUGMENT_PARTS)}; expected one of "
+            f"{', '.join(AUGMENT_PARTS)} (e.g. rand-m9-mstd0.5-inc1), or null"
+        )
+    keys = AUGMENT_PARTS[policy]
+    for part in parts:
+        key = next((k for k in sorted(keys, key=len, reverse=True) if part.startswith(k)), None)
+        value = part[len(key or "") :]
+        if key is None or not _augment_part_ok(keys[key], value) or (key == "p" and float(value) > 1):
+            syntax = ", ".join(f"{k}<{'|'.join(t) if isinstance(t, tuple) else t.__name__}>" for k, t in keys.items())
+            raise ConfigError(
+                f"config key 'aug.auto_augment' = {spec!r}: invalid part {part!r}; {policy} takes {syntax}"
+            )
+
+
+def check_optimizer_name(name: str) -> None:
+    """ConfigError unless timm's ``create_optimizer_v2`` knows ``name`` (``lookahead_<name>`` included)."""
+    from timm.optim import list_optimizers  # here: the schema itself needs no timm
+
+    known = list_optimizers()
+    *prefix, base = name.lower().split("_")
+    if base not in known or prefix not in ([], ["lookahead"]):
+        raise ConfigError(
+            f"config key 'optimizer.name' is {name!r}, not a timm optimizer{_closest(base, known)}; "
+            "see timm.optim.list_optimizers()"
+        )
+
+
 def check(cfg: Config) -> None:
     """Checks between values that the types alone do not catch."""
+    a, o, s = cfg.aug, cfg.optimizer, cfg.schedule
+    if isinstance(cfg.train.compile, bool):  # the older spelling
+        cfg.train.compile = "full" if cfg.train.compile else "none"
     choices = {
+        "train.compile": (cfg.train.compile, ("auto", *COMPILE_MODES)),
         "train.amp": (cfg.train.amp, ("bf16", "fp16", "none")),
         "train.device": (cfg.train.device, ("auto", "cuda", "cpu")),
-        "aug.mixup_mode": (cfg.aug.mixup_mode, ("batch", "pair", "elem")),
+        "aug.mixup_mode": (a.mixup_mode, ("batch", "pair", "elem")),
+        "aug.interpolation": (a.interpolation, INTERPOLATIONS),
+        "aug.eval_crop_mode": (a.eval_crop_mode, ("squash", "center", "border")),
+        "aug.re_mode": (a.re_mode, ("pixel", "rand", "const")),
         "data.pipeline": (cfg.data.pipeline, ("exact", "fast")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
-            raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}; got {value!r}")
+            raise ConfigError(
+                f"config key '{key}' must be one of {', '.join(allowed)}; got {value!r}{_closest(value, allowed)}"
+            )
+    # (value, low, high, whether the interval is closed at low, at high); None: no bound, or a null value
+    ranges = {
+        "optimizer.lr": (o.lr, 0, None, False, None),
+        "optimizer.weight_decay": (o.weight_decay, 0, None, True, None),
+        "optimizer.eps": (o.eps, 0, None, False, None),
+        "optimizer.clip_grad": (o.clip_grad, 0, None, False, None),
+        "schedule.warmup_epochs": (s.warmup_epochs, 0, None, True, None),
+        "schedule.warmup_lr": (s.warmup_lr, 0, None, True, None),
+        "schedule.min_lr": (s.min_lr, 0, None, True, None),
+        "model.drop_path_rate": (cfg.model.drop_path_rate, 0, 1, True, False),
+        "train.ema_decay": (cfg.train.ema_decay, 0, 1, True, False),
+        "aug.label_smoothing": (a.label_smoothing, 0, 1, True, False),
+        "aug.hflip": (a.hflip, 0, 1, True, True),
+        "aug.re_prob": (a.re_prob, 0, 1, True, True),
+        "aug.mixup": (a.mixup, 0, None, True, None),
+        "aug.cutmix": (a.cutmix, 0, None, True, None),
+        "aug.mixup_prob": (a.mixup_prob, 0, 1, True, True),
+        "aug.mixup_switch_prob": (a.mixup_switch_prob, 0, 1, True, True),
+        "aug.color_jitter": (a.color_jitter, 0, None, True, None),
+        "aug.eval_crop_pct": (a.eval_crop_pct, 0, 1, False, True),
+        "data.workers": (cfg.data.workers, 0, None, True, None),
+        "checkpoint.every_steps": (cfg.checkpoint.every_steps, 0, None, True, None),
+        "checkpoint.every_minutes": (cfg.checkpoint.every_minutes, 0, None, False, None),
+    }
+    for key, (value, low, high, closed_low, closed_high) in ranges.items():
+        if value is None:
+            continue
+        below = value < low if closed_low else value <= low
+        above = high is not None and (value > high if closed_high else value >= high)
+        if below or above:
+            left, right = "[" if closed_low else "(", "]" if closed_high else ")"
+            interval = f"{left}{low}, {'inf' if high is None else high}{right}"
+            raise ConfigError(f"config key '{key}' must be in {interval}; got {value}")
+    pairs = {"optimizer.betas": (o.betas, "[0.9, 0.999]"), "aug.scale": (a.scale, "[0.08, 1.0]")}
+    for key, (value, example) in {**pairs, "aug.ratio": (a.ratio, "[0.75, 1.333]")}.items():
+        if len(value) != 2:
+            raise ConfigError(f"config key '{key}' expects two numbers, e.g. {example}; got {value}")
+    if not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"config key 'optimizer.betas' must be two numbers in [0, 1); got {o.betas}")
+    if not 0 < a.scale[0] <= a.scale[1] <= 1:
+        raise ConfigError(f"config key 'aug.scale' must be [min, max] with 0 < min <= max <= 1; got {a.scale}")
+    if not 0 < a.ratio[0] <= a.ratio[1]:
+        raise ConfigError(f"config key 'aug.ratio' must be [min, max] with 0 < min <= max; got {a.ratio}")
+    if len(a.mean) != len(a.std) or min(a.std, default=0) <= 0:
+        raise ConfigError(f"aug.mean and aug.std need as many values, the stds > 0; got {a.mean} and {a.std}")
+    if a.auto_augment:
+        check_auto_augment(a.auto_augment)
+    check_optimizer_name(o.name)
     positive = {
         "model.img_size": cfg.model.img_size,
         "data.num_classes": cfg.data.num_classes,
@@ -298,9 +428,13 @@ def check(cfg: Config) -> None:
         "eval.every": cfg.eval.every,
         "checkpoint.every": cfg.checkpoint.every,
         "train.log_every": cfg.train.log_every,
+        "aug.re_count": a.re_count,
+        "optimizer.ref_batch_size": o.ref_batch_size,
+        "eval.batch_size": cfg.eval.batch_size,
+        "debug.max_steps": cfg.debug.max_steps,
     }
     for key, value in positive.items():
-        if value < 1:
+        if value is not None and value < 1:
             raise ConfigError(f"config key '{key}' must be >= 1; got {value}")
     if cfg.schedule.warmup_epochs > cfg.schedule.epochs:
         raise ConfigError(

@@ -67,6 +67,8 @@ class SourceCrop:
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         top, left, h, w = RandomResizedCropAndInterpolation.get_params(img, self.scale, self.ratio)
+        if h < 1 or w < 1:  # timm's fallback box rounds to nothing on a tiny image (1x1): all of it, as `exact` has
+            top, left, h, w = 0, 0, img.height, img.width
         crop = img.crop((left, top, left + w, top + h))
         if self.hflip > 0 and torch.rand(1).item() < self.hflip:  # as torchvision's RandomHorizontalFlip
             crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
@@ -89,7 +91,7 @@ class SourceCenterCrop:
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         w, h = img.size
-        cw, ch = round(w * self.crop_pct), round(h * self.crop_pct)
+        cw, ch = max(1, round(w * self.crop_pct)), max(1, round(h * self.crop_pct))
         left, top = (w - cw) // 2, (h - ch) // 2
         return pil_to_uint8(img.crop((left, top, left + cw, top + ch)))
 
@@ -115,6 +117,8 @@ class DeviceStage:
 
     def resize(self, crops: list[torch.Tensor]) -> torch.Tensor:
         """uint8 ``(C, h, w)`` crops (any device) -> float32 ``(B, C, H, W)`` in [0, 255], on ``device``."""
+        if not crops:  # a batch whose images were all unreadable
+            return torch.zeros(0, self.mean.shape[1], *self.size, device=self.device)
         resized = []
         for crop in crops:
             pixels = crop.to(self.device, non_blocking=True)[None].float()
@@ -162,6 +166,10 @@ class DevicePrefetcher:
 
     def _prepare(self, batch, index: int):
         crops, labels, skipped = batch
+        empty = [i for i, crop in enumerate(crops) if 0 in crop.shape[-2:]]
+        if empty:  # nothing to resize (as unreadable images, skipped and counted)
+            keep = [i for i in range(len(crops)) if i not in empty]
+            crops, labels, skipped = [crops[i] for i in keep], labels[keep], skipped + len(empty)
         labels = labels.to(self.stage.device, non_blocking=True)
         return self.stage(crops, self.first_seed + index), labels, skipped
 

@@ -32,10 +32,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gc
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -58,10 +56,17 @@ import torch.nn.functional as F  # noqa: E402
 import yaml  # noqa: E402
 from trainlib.compiling import COMPILE_MODES, compile_model  # noqa: E402
 from trainlib.jpegs import write_image_folder  # noqa: E402
-from trainlib.timing import median_seconds, peak_memory, profile_table  # noqa: E402
+from trainlib.timing import (  # noqa: E402
+    device_name,
+    free_memory,
+    matmul_flop_rate,
+    median_seconds,
+    peak_memory,
+    profile_table,
+)
 
 import atlas  # noqa: E402, F401  (registers the Atlas models with timm)
-from atlas.profiling import atlas_flops_breakdown, count_flops, cpu_name  # noqa: E402
+from atlas.profiling import atlas_flops_breakdown, count_flops  # noqa: E402
 from atlas.stem import StripConv2d  # noqa: E402
 
 TINY_CONFIG = ROOT / "scripts" / "configs" / "tiny_cpu_synthetic.yaml"
@@ -473,14 +478,6 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def free_memory() -> None:
-    """Drop what the last entry left: compiled graphs, garbage, the CUDA caching allocator's free blocks."""
-    torch._dynamo.reset()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 @dataclass
 class Failure:
     message: str
@@ -524,13 +521,6 @@ def training_step(model: torch.nn.Module, batch: int, size: int, device: torch.d
         optimizer.zero_grad(set_to_none=True)
 
     return step
-
-
-def matmul_flop_rate(size: int, device: torch.device) -> float:
-    """FLOP/s of a ``size``^3 matrix product, bf16 on CUDA and fp32 on a CPU (median of 10 after 3 warm-ups)."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
-    return 2 * size**3 / median_seconds(lambda: a @ b, 3, 10, device)["wall"]
 
 
 # -- (c) the largest images -------------------------------------------------------------------------------
@@ -697,14 +687,13 @@ def time_parts(name: str, size: int, batch: int, device: torch.device, profile_r
     """
     torch.manual_seed(0)
     model = build(name, size, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     images = torch.randn(batch, 3, size, size, device=device)
     labels = torch.randint(0, NUM_CLASSES, (batch,), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def backward(loss: torch.Tensor) -> None:
         loss.backward()
-        optimizer.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
 
     def stem() -> None:
         with autocast:
@@ -721,13 +710,7 @@ def time_parts(name: str, size: int, batch: int, device: torch.device, profile_r
             loss = F.cross_entropy(model(images), labels)
         backward(loss)
 
-    def step() -> None:
-        with autocast:
-            loss = F.cross_entropy(model(images), labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = training_step(model, batch, size, device)  # its own batch, and an optimizer with state to update
     t = {
         k: median_seconds(fn, 1, 3, device)["wall"]
         for k, fn in dict(stem=stem, features=features, whole=whole, step=step).items()
@@ -837,12 +820,6 @@ def check_input_pipeline(section: Section, plan: Plan, device: torch.device, out
 
 
 # -- main ------------------------------------------------------------------------------------------------
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return cpu_name() or platform.processor() or "unknown CPU"
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if a GPU is visible, else cpu")

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gc
 import importlib.util
 import json
 import shlex
@@ -53,9 +52,9 @@ from baselines import mamba  # noqa: E402
 from timm.layers import use_fused_attn  # noqa: E402
 from trainlib.compiling import COMPILE_MODES  # noqa: E402
 from trainlib.config import Config, load_config, to_dict  # noqa: E402
-from trainlib.timing import median_seconds, peak_memory  # noqa: E402
+from trainlib.timing import device_name, free_memory, matmul_flop_rate, median_seconds, peak_memory  # noqa: E402
 
-from atlas.profiling import build_on, count_flops, cpu_name  # noqa: E402
+from atlas.profiling import build_on, count_flops  # noqa: E402
 
 CONFIGS = ROOT / "scripts" / "configs"
 PAPER = ROOT / "scripts" / "data" / "paper_results.yaml"
@@ -200,14 +199,6 @@ def row_config(row: Row, plan: Plan, compile_setting: str) -> tuple[Config | Non
 
 
 # -- timing one row ----------------------------------------------------------------------------------------
-def release() -> None:
-    """Drop what the last row left: compiled graphs, garbage, the CUDA caching allocator's free blocks."""
-    torch._dynamo.reset()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def time_at_batch(cfg: Config, batch: int, plan: Plan, device: torch.device, deadline: float) -> dict:
     """Images/s of the config's training step at ``batch`` (the median step after warm-up), peak memory, how it
     compiled and the first step's time. The last warm-up step is timed too, to time ``plan.timed`` steps after it
@@ -260,7 +251,7 @@ def time_row(cfg: Config, plan: Plan, device: torch.device, deadline: float) -> 
             )
         except torch.cuda.OutOfMemoryError:
             pass  # released below, after the except block (whose traceback holds the step's tensors)
-        release()
+        free_memory()
         batch //= 2
     raise torch.cuda.OutOfMemoryError(f"out of memory at every batch from {cfg.train.batch_size} down to 2")
 
@@ -285,7 +276,7 @@ def measure(row: Row, cfg: Config, plan: Plan, device: torch.device, deadline: f
         traceback.print_exc()
         lines = str(error).strip().splitlines()
         outcome = "fail", f"{type(error).__name__}: {lines[0] if lines else ''}"[:240], {}
-    release()  # after the except block, whose traceback held the row's tensors
+    free_memory()  # after the except block, whose traceback held the row's tensors
     outcome[2]["seconds"] = round(time.perf_counter() - begin, 1)
     return outcome
 
@@ -455,13 +446,6 @@ def notes(plan: Plan, device: torch.device, rate: float, compile_setting: str) -
 
 
 # -- main ------------------------------------------------------------------------------------------------
-def matmul_rate(size: int, device: torch.device) -> float:
-    """FLOP/s of a ``size``^3 matrix product in the dtype the rows run in (bf16 on CUDA, fp32 on a CPU)."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
-    return 2 * size**3 / median_seconds(lambda: torch.mm(a, b), 3, 10, device)["wall"]
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if a GPU is visible, else cpu")
@@ -491,8 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if device.type == "cpu":  # speed is not the point on a CPU; 2 threads on a busy 2-core machine crawl
         torch.set_num_threads(1)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name() or "CPU"
-    rate = matmul_rate(plan.matmul_size, device)
+    name = device_name(device)
+    rate = matmul_flop_rate(plan.matmul_size, device)
     header = (
         f"device: {name}; torch {torch.__version__}, timm {timm.__version__}; plan: "
         f"{'smoke' if plan.smoke else 'full'}, {plan.warmup} warm-up and up to {plan.timed} timed steps per row"

@@ -2,7 +2,9 @@
 
 ``median_seconds`` times a callable after warm-up (wall and process CPU time, synchronising CUDA);
 ``peak_memory`` measures the memory a block needs above its level at entry (CUDA allocator or the CPU's
-resident set); ``profile_table`` lists the ops that took the most time in one call.
+resident set); ``profile_table`` lists the ops that took the most time in one call; ``matmul_flop_rate`` is
+the denominator of MFU; ``free_memory`` clears what one measurement left before the next; ``device_name``
+names the card or CPU a figure was measured on.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import gc
+import platform
 import resource
 import statistics
 import sys
@@ -122,3 +125,27 @@ def profile_table(run: Callable[[], None], device: torch.device, rows: int) -> s
         _synchronize(device)
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return profiler.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=60)
+
+
+def matmul_flop_rate(size: int, device: torch.device) -> float:
+    """FLOP/s of a ``size``^3 matrix product, bf16 on CUDA and fp32 on a CPU (median of 10 after 3 warm-ups)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    return 2 * size**3 / median_seconds(lambda: a @ b, 3, 10, device)["wall"]
+
+
+def free_memory() -> None:
+    """Drop what the last measurement left: compiled graphs, garbage, the CUDA caching allocator's free blocks."""
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    from atlas.profiling import cpu_name
+
+    return cpu_name() or platform.processor() or "unknown CPU"

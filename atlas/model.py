@@ -118,6 +118,11 @@ class AtlasConfig:
             self.depths = self.default_depths()
         self.depths = tuple(self.depths)
         self.check_composition()
+
+    def warn_if_window_exceeds_image(self) -> None:
+        """A UserWarning when ``window_size`` is larger than the token grid: the model then has one scale, a single
+        window of global attention. :meth:`from_kwargs` calls it when ``window_size`` was asked for; a small
+        image at the default window is a deliberate single-scale model (the notebooks build such models)."""
         tokens = self.token_size(self.img_size)
         if self.multiscale and self.window_size > max(tokens):
             warnings.warn(
@@ -125,7 +130,7 @@ class AtlasConfig:
                 f"{self.img_size} (patch_size {self.patch_size}): the model has one scale, a single window of "
                 f"global attention. For several scales use a larger img_size, or a window_size below {max(tokens)} "
                 f"(a multiple of pool_stride {self.pool_stride})",
-                stacklevel=2,
+                stacklevel=3,
             )
 
     INT_FIELDS = ("in_chans", "num_classes", "embed_dim", "num_heads", "stem_width", "stem_depth", "patch_size")
@@ -189,14 +194,18 @@ class AtlasConfig:
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> AtlasConfig:
-        """Like ``AtlasConfig(**kwargs)`` but an unknown key is a ValueError naming the closest valid one."""
+        """Like ``AtlasConfig(**kwargs)`` but an unknown key is a ValueError naming the closest valid one, and a
+        ``window_size`` larger than the image a warning."""
         names = [f.name for f in dataclasses.fields(cls)]
         for key in kwargs:
             if key not in names:
                 close = difflib.get_close_matches(key, names, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise ValueError(f"unknown Atlas config key {key!r}{hint}; valid keys: {', '.join(names)}")
-        return cls(**kwargs)
+        config = cls(**kwargs)
+        if "window_size" in kwargs:
+            config.warn_if_window_exceeds_image()
+        return config
 
     def token_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
         """Token grid of an image: each strided convolution of the stem rounds up."""

@@ -349,16 +349,20 @@ def test_constructor_arguments_of_the_wrong_type_or_zero_are_clear_errors(kwargs
 
 
 def test_a_window_larger_than_the_token_grid_warns_that_the_model_has_one_scale():
-    """64px at patch 16 is a 4x4 token grid, inside one 16x16 window: a single-scale model. A warning rather than an
-    error: single-scale Atlas models are legitimate (DEPTHS_BASE[1], the 224px default of scripts/train.py)."""
+    """Asking for a 16x16 window on a 64px image (a 4x4 token grid at patch 16) gives a single-scale model: a warning
+    rather than an error, as single-scale Atlas models are legitimate (DEPTHS_BASE[1]); at the default window a
+    small image is such a model on purpose, and builds without a word."""
     with pytest.warns(UserWarning, match=r"window_size 16 is larger than the 4x4 token grid .* one scale"):
-        config = AtlasConfig(img_size=64, **TINY)
-    assert config.layout.num_scales == 1
+        model = Atlas(img_size=64, window_size=16, **TINY)
+    assert model.config.layout.num_scales == 1
+    with pytest.warns(UserWarning, match="window_size 32"):
+        timm.create_model("atlas_tiny_patch16", img_size=128, window_size=32, pool_stride=4)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        AtlasConfig(img_size=256, **TINY)  # 16x16 tokens: exactly one window, as atlas_tiny_patch16's default size
-        AtlasConfig(img_size=64, multiscale=False, **TINY)  # asked for
-        AtlasConfig(img_size=64, window_size=2, pool_stride=2, **TINY)
+        Atlas(img_size=64, **TINY)  # the default window: single scale on purpose
+        Atlas(img_size=256, window_size=16, **TINY)  # 16x16 tokens: exactly one window
+        Atlas(img_size=64, window_size=16, multiscale=False, **TINY)  # asked for
+        Atlas(img_size=64, window_size=2, pool_stride=2, **TINY)
 
 
 def test_check_input_names_what_the_model_expects():

@@ -226,10 +226,11 @@ class ConvStem(nn.Module):
         """``(B, in_chans, H, W)`` -> ``(B, 4F, ceil(H/p), ceil(W/p))``, in :meth:`resolved_memory_format`."""
         memory_format = MEMORY_FORMATS[self.resolved_memory_format(x.device)]
         x = x.contiguous(memory_format=memory_format)
-        checkpointed = self.grad_checkpointing and torch.is_grad_enabled()
-        for unit in self.units():  # with checkpointing, each residual block on its own
-            unit = partial(unit, memory_format=memory_format) if isinstance(unit, Downsample) else unit
-            x = checkpoint_unit(unit, x) if checkpointed else unit(x)
+        down1, down2 = (partial(down, memory_format=memory_format) for down in (self.down1, self.down2))
+        if not (self.grad_checkpointing and torch.is_grad_enabled()):
+            return down2(self.stage2(down1(self.stage1(self.embed(x)))))
+        for unit in (self.embed, *self.stage1, down1, *self.stage2, down2):  # each residual block on its own
+            x = checkpoint_unit(unit, x)
         return x
 
     def units(self) -> list[nn.Module]:

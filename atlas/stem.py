@@ -229,8 +229,9 @@ class ConvStem(nn.Module):
         down1, down2 = (partial(down, memory_format=memory_format) for down in (self.down1, self.down2))
         if not (self.grad_checkpointing and torch.is_grad_enabled()):
             return down2(self.stage2(down1(self.stage1(self.embed(x)))))
-        for unit in (self.embed, *self.stage1, down1, *self.stage2, down2):  # each residual block on its own
-            x = checkpoint_unit(unit, x)
+        with_format = {self.down1: down1, self.down2: down2}
+        for unit in self.units():  # each residual block on its own
+            x = checkpoint_unit(with_format.get(unit, unit), x)
         return x
 
     def units(self) -> list[nn.Module]:

@@ -56,6 +56,7 @@ import torch.nn.functional as F  # noqa: E402
 import yaml  # noqa: E402
 from trainlib.compiling import COMPILE_MODES, compile_model  # noqa: E402
 from trainlib.jpegs import write_image_folder  # noqa: E402
+from trainlib.pipeline import DeviceStage  # noqa: E402
 from trainlib.timing import (  # noqa: E402
     device_name,
     free_memory,
@@ -775,6 +776,22 @@ def random_batch_rate(run_plan: PipelineRun, device: torch.device) -> float:
     return run_plan.batch / median_seconds(step, 2, 5, device)["wall"]
 
 
+def resize_seconds(run_plan: PipelineRun, device: torch.device) -> float:
+    """Median seconds of the fast pipeline's trainer half (`DeviceStage`) on one batch of source-sized crops."""
+    width, height = run_plan.source
+    generator = torch.Generator().manual_seed(0)
+    crops = []
+    for _ in range(run_plan.batch):  # random-resized-crop boxes of the source: 8% to all of it, aspect 3:4 to 4:3
+        area = width * height * (0.08 + 0.92 * torch.rand(1, generator=generator).item())
+        aspect = (3 / 4) * (16 / 9) ** torch.rand(1, generator=generator).item()
+        h = min(height, max(1, round((area / aspect) ** 0.5)))
+        w = min(width, max(1, round((area * aspect) ** 0.5)))
+        crop = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator)
+        crops.append(crop.pin_memory() if device.type == "cuda" else crop)  # as the training loader hands them over
+    stage = DeviceStage(run_plan.size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), device, re_prob=0.25)
+    return median_seconds(lambda: stage(crops, seed=0), 2, 5, device)["wall"]
+
+
 def check_input_pipeline(section: Section, plan: Plan, device: torch.device, out: Path) -> None:
     run_plan = plan.pipeline
     begin = time.perf_counter()
@@ -789,6 +806,15 @@ def check_input_pipeline(section: Section, plan: Plan, device: torch.device, out
         section.add(item, "fail", failure.message, time.perf_counter() - begin)
         return
     section.add(item, "ok", f"{random_rate:.3g} img/s", time.perf_counter() - begin, images_per_s=random_rate)
+    begin = time.perf_counter()
+    seconds, failure = attempt(resize_seconds, run_plan, device)
+    item = f"fast pipeline's resize, normalise and erase of {run_plan.batch} crops to {run_plan.size}px"
+    if failure:
+        section.add(item, "fail", failure.message, time.perf_counter() - begin)
+    else:
+        share = seconds * random_rate / run_plan.batch  # of a random-batch training step's time
+        figures = f"{seconds * 1e3:.3g} ms a batch, {share:.1%} of a training step"
+        section.add(item, "ok", figures, time.perf_counter() - begin, resize_s=seconds, of_step=share)
     longest = 0.0
     for pipeline in ("fast", "exact"):
         item = f"scripts/train.py, {pipeline} pipeline, generated {run_plan.source[0]}x{run_plan.source[1]} JPEGs"

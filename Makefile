@@ -43,7 +43,7 @@ lab: $(STAMP)
 benchmark: $(STAMP)
 	$(PY) scripts/benchmark.py --models atlas_base_patch16 vit_base_patch16_224 --sizes 1024
 
-# The prepared check for one CUDA GPU (within 7 minutes on an H100/H200); `python scripts/gpu_check.py` runs it without the venv too.
+# The prepared check for one CUDA GPU (about 8 minutes on an H100/H200); `python scripts/gpu_check.py` runs it without the venv too.
 gpu-check: $(STAMP)
 	$(PY) scripts/gpu_check.py
 

@@ -14,10 +14,10 @@ next to the paper's relative runtime (a row's runtime over Atlas's, from scripts
 
 Each table has a time budget, counted from the start of this script, and what one leaves unused goes to the next:
 a row that would not finish in its table's time is a ``skip`` row that says so, as is a row whose optional package
-(fastervit) is missing. Each table runs Atlas first, then the rows by importance, and is printed in the paper's
-order. An error fails its row and the rest still runs; the exit status is 1 if any row failed. The tables, with
-notes on what differs from the authors' runs (results.md, printed at the end), and every row (results.csv) are
-written to ``--out`` after each row.
+(fastervit) is missing. Each table runs Atlas first, then the rows by importance, MambaVision's last (without
+mamba-ssm they are by far the slowest), and is printed in the paper's order. An error fails its row and the rest
+still runs; the exit status is 1 if any row failed. The tables, with notes on what differs from the authors' runs
+(results.md, printed at the end), and every row (results.csv) are written to ``--out`` after each row.
 
 The smoke plan (``--smoke``) runs the same configs with tiny widths (overrides of ``model.kwargs``), a sixteenth
 of the image side (at least 64px) and batch 2, in fp32: its figures check that everything runs, not speed.
@@ -63,11 +63,11 @@ PAPER = ROOT / "scripts" / "data" / "paper_results.yaml"
 TABLE1 = {
     "Atlas-B": "table1_atlas_b16_1024",
     "ViT-B": "table1_vit_b16_1024",
-    "MambaVision-B": "table1_mambavision_b_1024",
     "Swin-B": "table1_swin_b_1024",
     "LongViT-B": "table1_longvit_b16_1024",
     "ConvNext-B": "table1_convnext_b_1024",
     "FasterViT-4": "table1_fastervit4_1024",
+    "MambaVision-B": "table1_mambavision_b_1024",
 }
 TABLE2 = {"Atlas-S/16": "table2_atlas_s16", "MambaVision-S/16": "table2_mambavision_s16"}  # config: + _<size>
 TABLE3 = {
@@ -140,12 +140,11 @@ class Plan:
     smoke: bool
 
 
-# One H200, estimated from each row's counted training FLOPs at an assumed eager bf16 rate (TFLOP/s: ViT 300,
-# Atlas 200, Swin and LongViT 140, MambaVision with the PyTorch scan 100, ConvNeXt 90), 6 steps, about 4 s per row
-# to build, count and autotune, and a halving of the batch per expected out-of-memory: Table 1 with start-up about
-# 55 s, Table 2 40 s, Table 3 70 s, Table 6 90 s, 4.5 minutes in all. The budgets stop it at 5.5 minutes (the row
-# in progress then ends).
-GPU_PLAN = Plan(budgets_s={1: 80, 2: 60, 3: 80, 6: 110}, warmup=2, timed=4, matmul_size=8192, smoke=False)
+# Sized from the first run on one H200 (2026-12-04, docs/benchmarks.md): each row took 3 to 15 s (ConvNeXt-B 34 s:
+# cuDNN's autotuning in NCHW), except the MambaVision rows with the selective scan in plain PyTorch, 31 to 57 s each.
+# Every other row fits in about 290 s with start-up; the MambaVision rows run last in each table, in what is left
+# (the whole plan would take about 8.5 minutes), and the time guard skips those that do not fit.
+GPU_PLAN = Plan(budgets_s={1: 90, 2: 70, 3: 95, 6: 105}, warmup=2, timed=4, matmul_size=8192, smoke=False)
 SMOKE_PLAN = Plan(budgets_s={1: 45, 2: 40, 3: 30, 6: 40}, warmup=2, timed=2, matmul_size=512, smoke=True)
 
 
@@ -157,6 +156,11 @@ def is_mamba(model_name: str) -> bool:
 def scan_kernel(device: torch.device) -> bool:
     """Whether MambaVision's selective scan runs mamba-ssm's CUDA kernel here."""
     return mamba.selective_scan_fn is not None and device.type == "cuda"
+
+
+def model_name(row: Row) -> str:
+    """The timm name of the model a row trains."""
+    return load_config(CONFIGS / f"{row.config}.yaml", list(row.overrides)).model.name
 
 
 def plan_rows(kernel: bool) -> list[Row]:
@@ -175,9 +179,10 @@ def plan_rows(kernel: bool) -> list[Row]:
         rows += [
             Row(r.table, r.paper_row, r.config, r.overrides, r.atlas, pytorch_scan=True)
             for r in rows
-            if is_mamba(load_config(CONFIGS / f"{r.config}.yaml", list(r.overrides)).model.name)
+            if is_mamba(model_name(r))
         ]
-    return sorted(rows, key=lambda r: list(GPU_PLAN.budgets_s).index(r.table))  # stable: each table's order kept
+    # By table, MambaVision rows (the slowest by far without mamba-ssm) last in each; otherwise the order above.
+    return sorted(rows, key=lambda r: (list(GPU_PLAN.budgets_s).index(r.table), is_mamba(model_name(r))))
 
 
 def row_config(row: Row, plan: Plan, compile_setting: str) -> tuple[Config | None, str]:

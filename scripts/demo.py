@@ -1,7 +1,8 @@
-"""The paper's communication ablation (Table 4) at CPU scale: ``make demo``, i.e. ``python scripts/demo.py``.
+"""The paper's two claims at CPU scale, ``make demo`` (``python scripts/demo.py``): communication and cost.
 
-Trains the variants of Table 4 (window attention, multi-scale only, + bottom-up, + top-down, full MSA) and a
-global-attention ViT of the same size on the long-range matching task of ``atlas/longrange.py``, each through
+**Communication** (Table 4). Trains the variants of Table 4 (window attention, multi-scale only, + bottom-up,
++ top-down, full MSA) and a global-attention ViT of the same size on the long-range matching task of
+``atlas/longrange.py``, each through
 ``scripts/train.py`` with its config in ``scripts/configs/demo/`` and once for each of three seeds (the seed
 sets the initialisation and the images), then prints, per variant, how many seeds solved the task, the mean
 and range of the accuracy and the training time, next to the paper's top-1, and writes to ``results/demo/``:
@@ -13,6 +14,11 @@ and range of the accuracy and the training time, next to the paper's top-1, and 
     atlas_msa.pt            the trained MSA model of the first seed: {"model_name", "model_kwargs", "state_dict", ...}
     runs/<variant>_seed<N>/ train.py's output folder of each run (config, metrics, checkpoints)
 
+**Cost** (the paper's headline, Table 6's runtime column). Times one training step (batch 1, forward and
+backward) of three blocks of window attention, of MSA (a stack over every scale) and of a ViT, all at the demo's
+width, from 8x8 to 128x128 tokens (32 to 512px), interleaved in one process (``trainlib/cost.py``), and writes
+``cost.csv``, ``cost.md`` and ``cost.png`` (log-log, with N, N log N and N^2 guides) next to the table above.
+
 A run *solves* the task when its validation top-1 is at least 90% (chance is 50%). Which runs solve it can
 depend on the CPU: a run that sits on the initial plateau at chance may leave it a few steps earlier or later
 when its float rounding differs, so compare the number of solving seeds, not single accuracies. The paper
@@ -23,6 +29,7 @@ what each kind of communication makes possible, not the values.
     python scripts/demo.py --variants window msa        # a subset
     python scripts/demo.py --seeds 0 1 2 3 4            # other or more seeds
     python scripts/demo.py --quick --out /tmp/demo      # a smoke test in seconds (tiny data, 2 epochs)
+    python scripts/demo.py --parts cost                 # only the cost part
 
 ``--save-asset`` also stores the first seed's MSA model in ``notebooks/assets/`` (see there for the model the
 attention-map notebook reads).
@@ -52,13 +59,16 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import train  # noqa: E402  (scripts/train.py: this folder is on sys.path when the demo runs as a script)
+import yaml  # noqa: E402
 from trainlib.config import Config, load_config  # noqa: E402
+from trainlib.cost import cost_table, growth, measure_costs, plot_costs, write_costs  # noqa: E402
 
 from atlas.profiling import cpu_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "scripts" / "configs" / "demo"
 ASSET = ROOT / "notebooks" / "assets" / "atlas_tiny_longrange.pt"
+PAPER = ROOT / "scripts" / "data" / "paper_results.yaml"
 ASSET_CONFIG = CONFIGS / "attention_maps_64px.yaml"  # the model notebook 06 reads (not a variant of the table)
 VARIANTS = ("window", "multiscale", "bottom_up", "top_down", "msa", "vit")  # table order; each has a config
 QUICK = [
@@ -69,6 +79,17 @@ QUICK = [
     "schedule.warmup_epochs=0",
 ]
 
+
+# The cost part: 8x8 to 128x128 tokens of 4x4 pixels (64 to 16,384), three blocks of each kind at the demo's width.
+COST_SIZES = (32, 64, 128, 256, 512)
+COST_QUICK_SIZES = (32, 64)
+COST_MODELS = {  # name -> (config, overrides); MSA as a stack: three MSA blocks over every scale, none dropped
+    "window": ("window.yaml", ()),
+    "msa": ("msa.yaml", ("model.kwargs.composition=stack", "model.kwargs.depths=[3]")),
+    "vit": ("vit.yaml", ()),
+}
+COST_LABELS = {"window": "window attention", "msa": "MSA", "vit": "ViT"}
+PAPER_TABLE6 = {"window": "WViT-B/16", "msa": "Atlas-B/16", "vit": "ViT-B/16"}  # runtime (min) at 1024, 2048px
 
 SEEDS = (0, 1, 2)
 SOLVED = 90.0  # validation top-1 (%) from which a run counts as having solved the task
@@ -109,6 +130,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--save-asset", action="store_true", help=f"also train {ASSET_CONFIG.name} and save it to {ASSET.name}"
+    )
+    parser.add_argument(
+        "--parts", nargs="+", choices=("communication", "cost"), default=["communication", "cost"], help="what to run"
     )
     return parser.parse_args(argv)
 
@@ -294,9 +318,83 @@ def plot_bars(results: list[Result], path: Path) -> None:
     plt.close(fig)
 
 
+def cost_builder(config: str, overrides: tuple[str, ...]):
+    """The demo model of ``config`` (with ``overrides``) built for an image of ``px`` pixels."""
+    return lambda px: train.build_model(load_config(CONFIGS / config, [*overrides, f"model.img_size={px}"]))
+
+
+def tokens_at(px: int) -> int:
+    """Tokens of the demo models' finest scale (4x4-pixel patches) at ``px`` x ``px`` pixels."""
+    return (px // load_config(CONFIGS / "msa.yaml").model.kwargs["patch_size"]) ** 2
+
+
+def paper_runtimes() -> str:
+    """Table 6's training runtimes of the window ViT, Atlas and ViT (Base) at 1024 and 2048px, as a line of text."""
+    rows = {r["row"]: r["runtime"] for r in yaml.safe_load(PAPER.read_text())[6]["rows"]}
+    parts = []
+    for px in (1024, 2048):
+        cells = ", ".join(f"{PAPER_TABLE6[m]} {rows[f'{PAPER_TABLE6[m]} @{px}']}" for m in COST_MODELS)
+        parts.append(f"{px}px ({(px // 16) ** 2:,} tokens): {cells}")
+    return "; ".join(parts)
+
+
+def run_cost(sizes: tuple[int, ...], threads: int, out: Path) -> str:
+    """The cost part: measure, write cost.csv, cost.md and cost.png to ``out``; returns the printed text."""
+    torch.set_num_threads(threads)
+    builders = {name: cost_builder(config, overrides) for name, (config, overrides) in COST_MODELS.items()}
+
+    def report(row: dict) -> None:
+        print(
+            f"  {COST_LABELS[row['model']]:>16} at {row['tokens']:>6,} tokens ({row['px']}px): "
+            f"{row['seconds']:.3g} s, peak {row['peak_mib']:.0f} MiB",
+            flush=True,
+        )
+
+    rows = measure_costs(builders, sizes, tokens_at, report)
+    write_costs(rows, out / "cost.csv")
+    machine = (
+        f"{cpu_name() or platform.machine()}, {threads} threads, CPU kernels {torch.backends.cpu.get_cpu_capability()}"
+    )
+    plot_costs(
+        rows,
+        COST_LABELS,
+        {"N": "window", "N log N": "msa", "N^2": "vit"},
+        out / "cost.png",
+        f"one training step (forward + backward, batch 1, fp32) as the image grows; {machine}",
+    )
+    ratio = growth(rows, "vit") / growth(rows, "msa")
+    text = (
+        f"{cost_table(rows, COST_LABELS)}\n\n"
+        f"From {rows[0]['tokens']:,} to {rows[-1]['tokens']:,} tokens the step grows {growth(rows, 'window'):.0f}x "
+        f"for window attention, {growth(rows, 'msa'):.0f}x for MSA and {growth(rows, 'vit'):.0f}x for ViT "
+        f"({ratio:.1f}x MSA's growth). The paper's Table 6, training runtime in minutes on 8 H100s (Base models, "
+        f"16x16 patches): {paper_runtimes()}.\n"
+    )
+    (out / "cost.md").write_text(f"{text}\nMachine: {machine}.\n")
+    return text
+
+
 def main(argv: list[str] | None = None) -> list[Result]:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    results = run_communication(args) if "communication" in args.parts else []
+    if "cost" in args.parts:
+        sizes = COST_QUICK_SIZES if args.quick else COST_SIZES
+        print(
+            f"\nThe cost of attention as the image grows ({len(sizes)} sizes x {len(COST_MODELS)} models):", flush=True
+        )
+        print(f"\n{run_cost(sizes, max(args.threads, args.jobs), args.out)}")
+    seconds = time.time() - start
+    print(
+        f"{seconds:.0f} s in all (CPU kernels: {torch.backends.cpu.get_cpu_capability()}, "
+        f"{cpu_name() or platform.machine()}); results in {args.out}"
+    )
+    return results
+
+
+def run_communication(args: argparse.Namespace) -> list[Result]:
+    """The communication part: train every variant and seed, write the tables and figures, print the table."""
     overrides = QUICK if args.quick else []
     start = time.time()
     runs = [
@@ -339,12 +437,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         f"\n{text}\nchance is 50%. A run solves the task at >= {SOLVED:.0f}% top-1; runs.csv has every run. "
         "The paper's column is ImageNet-100 at 256px on 8 H100s (Table 4)."
     )
-    seconds = time.time() - start
-    print(
-        f"{len(results)} runs in {seconds:.0f} s, {args.jobs} at a time on {args.threads} thread(s) each "
-        f"(CPU kernels: {torch.backends.cpu.get_cpu_capability()}, {cpu_name() or platform.machine()}); "
-        f"results in {args.out}"
-    )
+    print(f"{len(results)} runs in {time.time() - start:.0f} s, {args.jobs} at a time on {args.threads} thread(s) each")
     return results
 
 

@@ -86,6 +86,14 @@ def test_quick_demo_writes_tables_figures_and_a_model_that_reproduces_its_accura
     assert [len(r.epochs) for r in results] == [2] * 4
     for name in ("table.csv", "table.md", "runs.csv", "learning_curves.png", "accuracy.png", "atlas_msa.pt"):
         assert (tmp_path / name).stat().st_size > 0, name
+    for name in ("cost.md", "cost.png"):  # the cost part, at its quick sizes
+        assert (tmp_path / name).stat().st_size > 0, name
+    with open(tmp_path / "cost.csv", newline="") as f:
+        cost_rows = list(csv.DictReader(f))
+    assert [(r["model"], int(r["px"]), int(r["tokens"])) for r in cost_rows] == [
+        (m, px, (px // 4) ** 2) for px in demo.COST_QUICK_SIZES for m in demo.COST_MODELS
+    ]
+    assert "Table 6" in (tmp_path / "cost.md").read_text()
     assert not (tmp_path / "asset.pt").exists()  # only --save-asset replaces the notebook's model
     for seed in (3, 4):
         assert yaml.safe_load((tmp_path / "runs" / f"msa_seed{seed}" / "config.yaml").read_text())["seed"] == seed
@@ -114,6 +122,16 @@ def test_quick_demo_writes_tables_figures_and_a_model_that_reproduces_its_accura
         predictions = model(torch.stack(images)).argmax(1)
     top1 = 100 * (predictions == torch.tensor(labels)).float().mean().item()
     assert abs(top1 - ckpt["val_top1"]) < 1e-6 and ckpt["val_top1"] == results[2].top1  # the first seed's
+
+
+def test_cost_models_are_three_blocks_of_each_kind_at_the_demos_width():
+    """Window attention: one scale; MSA: every scale in one stack, none dropped; ViT: global attention."""
+    window, msa, vit = (demo.cost_builder(*demo.COST_MODELS[m])(128) for m in ("window", "msa", "vit"))
+    assert window.config.layout.num_scales == 1 and msa.config.layout.num_scales == 3  # 32x32 tokens: 32, 8, 2
+    assert msa.config.composition == "stack" and (msa.config.top_down, msa.config.bottom_up) == (True, True)
+    assert sum(len(s.blocks) for s in window.stages) == sum(len(s.blocks) for s in msa.stages) == len(vit.blocks) == 3
+    assert window.embed_dim == msa.embed_dim == vit.embed_dim == 64
+    assert demo.tokens_at(128) == vit.patch_embed.num_patches == window.config.layout.scales[0].num_tokens == 1024
 
 
 def test_the_attention_map_notebooks_model_is_the_one_its_config_trains():

@@ -28,7 +28,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import train
+from trainlib import building
 from trainlib.config import ConfigError, load_config
 from trainlib.timing import median_seconds, peak_memory, profile_table
 
@@ -192,7 +192,7 @@ def model_builders(args: argparse.Namespace) -> list[tuple[str, tuple[int, int],
         (name, size, partial(build_model, name, size, args.num_classes)) for name in args.models for size in args.sizes
     ]
     for name, cfg in args.configs.items():
-        build = partial(build_on, build=partial(train.build_model, cfg))
+        build = partial(build_on, build=partial(building.build_model, cfg))
         builders.append((name, (cfg.model.img_size, cfg.model.img_size), build))
     return builders
 

@@ -28,7 +28,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-import train as train_script  # noqa: E402
+from trainlib.building import build_transforms  # noqa: E402
 from trainlib.config import load_config  # noqa: E402
 from trainlib.data import isolated_rng  # noqa: E402
 from trainlib.jpegs import write_jpegs  # noqa: E402
@@ -116,7 +116,7 @@ def main(argv=None) -> None:
             costs = {}
             for pipeline in ("exact", "fast"):
                 cfg = load_config(RECIPE, [f"model.img_size={px}", f"data.pipeline={pipeline}"])
-                transform = train_script.build_transforms(cfg)[0]
+                transform = build_transforms(cfg)[0]
                 costs[pipeline] = c = worker_costs(paths, transform, args.repeats)
                 per_core[px, pipeline] = 1 / (c["work"] + c["handoff"])
                 trainer = ""

@@ -143,16 +143,16 @@ def code_source(name: str) -> str:
 def params_lines() -> list[str]:
     """A markdown table: every Table 1-3 config's model, its parameter count and what its authors report."""
     import baselines
-    import train  # builds the models as training does
+    from trainlib.building import TrainingError, build_model  # builds the models as training does
     from trainlib.config import load_config
 
     from atlas.profiling import build_on
 
     def millions(cfg) -> str:
         try:
-            model = build_on("meta", partial(train.build_model, cfg))
+            model = build_on("meta", partial(build_model, cfg))
             return f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}"
-        except train.TrainingError:
+        except TrainingError:
             if cfg.model.name.partition("/")[0] not in baselines.OPTIONAL_PACKAGES:
                 raise
             return "not installed"

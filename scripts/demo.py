@@ -60,6 +60,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 import train  # noqa: E402  (scripts/train.py: this folder is on sys.path when the demo runs as a script)
 import yaml  # noqa: E402
+from trainlib.building import build_model  # noqa: E402
 from trainlib.config import Config, load_config  # noqa: E402
 from trainlib.cost import cost_table, growth, measure_costs, plot_costs, write_costs  # noqa: E402
 
@@ -320,7 +321,7 @@ def plot_bars(results: list[Result], path: Path) -> None:
 
 def cost_builder(config: str, overrides: tuple[str, ...]):
     """The demo model of ``config`` (with ``overrides``) built for an image of ``px`` pixels."""
-    return lambda px: train.build_model(load_config(CONFIGS / config, [*overrides, f"model.img_size={px}"]))
+    return lambda px: build_model(load_config(CONFIGS / config, [*overrides, f"model.img_size={px}"]))
 
 
 def tokens_at(px: int) -> int:

@@ -46,10 +46,10 @@ sys.path.insert(0, str(ROOT))  # `import atlas` from a checkout, installed or no
 import baselines  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
-import train  # noqa: E402  (builds each config's model and optimizer as training does)
 import yaml  # noqa: E402
 from baselines import mamba  # noqa: E402
 from timm.layers import use_fused_attn  # noqa: E402
+from trainlib.building import build_model, build_optimization, build_training_model, compile_mode  # noqa: E402
 from trainlib.compiling import COMPILE_MODES  # noqa: E402
 from trainlib.config import Config, load_config, to_dict  # noqa: E402
 from trainlib.timing import device_name, free_memory, matmul_flop_rate, median_seconds, peak_memory  # noqa: E402
@@ -211,8 +211,8 @@ def time_at_batch(cfg: Config, batch: int, plan: Plan, device: torch.device, dea
     size = cfg.model.img_size
     with peak_memory(device) as memory:
         with torch.device(device):  # the weights made on the device (train.py makes them on the CPU, then moves)
-            raw_model, model, _, _ = train.build_training_model(cfg, device, distributed=False, resume=None)
-        opt = train.build_optimization(cfg, raw_model, steps_per_epoch=1, world=1, device=device)
+            raw_model, model, _, _ = build_training_model(cfg, device, distributed=False, resume=None)
+        opt = build_optimization(cfg, raw_model, steps_per_epoch=1, world=1, device=device)
         images = torch.randn(batch, 3, size, size, device=device)
         if cfg.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -234,7 +234,7 @@ def time_at_batch(cfg: Config, batch: int, plan: Plan, device: torch.device, dea
         batch=batch,
         images_per_s=batch / seconds,
         peak_gib=memory["mib"] / 1024,
-        compile=train.compile_mode(cfg.train.compile, raw_model, device),
+        compile=compile_mode(cfg.train.compile, raw_model, device),
         first_step_s=first_step_s,
     )
 
@@ -248,7 +248,7 @@ def time_row(cfg: Config, plan: Plan, device: torch.device, deadline: float) -> 
     # MambaVision's selective scan (under 1% of its FLOPs, but in plain PyTorch a loop over chunks of 8 tokens that
     # takes minutes to count at Table 3's 9216 tokens).
     with mock.patch.object(mamba, "selective_scan", lambda u, *args, **kwargs: u):
-        flops = count_flops(build_on("meta", partial(train.build_model, cfg)), (1, 3, size, size), backward=True)
+        flops = count_flops(build_on("meta", partial(build_model, cfg)), (1, 3, size, size), backward=True)
     while batch >= 2:
         try:
             return dict(

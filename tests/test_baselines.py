@@ -13,10 +13,10 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
 import baselines  # noqa: E402
-import train  # noqa: E402
 from baselines.dilated import dilated_attention, longvit_segment_lengths  # noqa: E402
 from baselines.hierarchical import HATBlock  # noqa: E402
 from baselines.mamba import MambaVisionMixer, selective_scan  # noqa: E402
+from trainlib.building import TrainingError, build_model  # noqa: E402
 from trainlib.config import load_config  # noqa: E402
 
 from atlas.profiling import build_on  # noqa: E402
@@ -165,8 +165,8 @@ def test_every_row_of_tables_1_to_3_has_a_config():
 def test_baseline_configs_build_at_the_papers_size(path):
     cfg = load_config(path)
     try:
-        model = build_on("meta", partial(train.build_model, cfg))  # FasterViT: on the CPU
-    except train.TrainingError as error:  # an optional package that is not installed: the install command
+        model = build_on("meta", partial(build_model, cfg))  # FasterViT: on the CPU
+    except TrainingError as error:  # an optional package that is not installed: the install command
         assert cfg.model.name.startswith("fastervit/") and "pip install -e '.[fastervit]'" in str(error)
         return
     if cfg.paper_table == 3:  # 384px, 4x4 patches: 9216 tokens, 4 Base-size blocks

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import demo  # noqa: E402
-import train  # noqa: E402
+from trainlib.building import build_model, build_transforms  # noqa: E402
 from trainlib.config import load_config, to_dict  # noqa: E402
 
 from atlas.datasets import build_dataset  # noqa: E402
@@ -39,7 +39,7 @@ def test_variants_differ_only_in_the_attention_and_have_one_size():
     }
     assert all(s == shared["msa"] for s in shared.values())  # same data, recipe and steps for everyone
 
-    models = {v: train.build_model(c) for v, c in cfgs.items()}
+    models = {v: build_model(c) for v, c in cfgs.items()}
     vit = models.pop("vit")
     for variant, model in models.items():
         cfg = model.config
@@ -116,7 +116,7 @@ def test_quick_demo_writes_tables_figures_and_a_model_that_reproduces_its_accura
     model.load_state_dict(ckpt["state_dict"])
     task = dict(ckpt["task"])
     cfg = load_config(demo.CONFIGS / "msa.yaml", demo.QUICK)
-    val = build_dataset(task.pop("name"), "val", train.build_transforms(cfg)[1], num_classes=2, **task)
+    val = build_dataset(task.pop("name"), "val", build_transforms(cfg)[1], num_classes=2, **task)
     images, labels = zip(*(val[i] for i in range(len(val))), strict=True)
     with torch.no_grad():
         predictions = model(torch.stack(images)).argmax(1)

@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import train as train_script  # noqa: E402
 from test_train import CONFIGS, records, train  # noqa: E402
+from trainlib.building import build_transforms  # noqa: E402
 from trainlib.config import load_config  # noqa: E402
 from trainlib.data import isolated_rng  # noqa: E402
 from trainlib.pipeline import DeviceStage, SourceCrop, collate_crops  # noqa: E402
@@ -39,7 +40,7 @@ def both_pipelines(auto_augment, re_prob=0.0):
     fast_cfg = load_config(CONFIGS / "table1_atlas_b16_1024.yaml", [*overrides, "data.pipeline=fast"])
     a = fast_cfg.aug
     stage = DeviceStage(SIZE, a.mean, a.std, "cpu", re_prob=a.re_prob, re_mode=a.re_mode, re_count=a.re_count)
-    return train_script.build_transforms(exact_cfg)[0], train_script.build_transforms(fast_cfg)[0], stage
+    return build_transforms(exact_cfg)[0], build_transforms(fast_cfg)[0], stage
 
 
 def run_both(auto_augment, n=48, re_prob=0.0):
@@ -152,7 +153,7 @@ def test_grey_sixteen_bit_images_train_end_to_end(tmp_path, pipeline):
 def test_mean_and_std_must_match_the_input_channels():
     cfg = load_config(CONFIGS / "tiny_cpu_imagefolder.yaml", ["model.kwargs.in_chans=1"])
     with pytest.raises(train_script.TrainingError, match=r"one value per input channel \(1\).*aug.mean=\[0.5\]"):
-        train_script.build_transforms(cfg)
+        build_transforms(cfg)
 
 
 def test_data_benchmark_prints_both_pipelines_and_the_paper_runs(capsys):

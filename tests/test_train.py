@@ -22,6 +22,7 @@ CONFIGS = SCRIPTS / "configs"
 sys.path.insert(0, str(SCRIPTS))
 
 import train as train_script  # noqa: E402
+from trainlib.building import build_model, compile_mode  # noqa: E402
 from trainlib.config import ConfigError, load_config  # noqa: E402
 from trainlib.data import ResumableSampler  # noqa: E402
 
@@ -85,7 +86,7 @@ def test_an_error_under_the_local_launcher_is_one_line_from_rank_0(tmp_path, arg
 def test_ddp_trains_evaluates_and_checkpoints(ddp_run):
     (run,) = records(ddp_run, "run")
     assert run["world_size"] == 2 and run["global_batch"] == 32 and run["steps_per_epoch"] == 2
-    model = train_script.build_model(load_config(CONFIGS / "tiny_cpu_synthetic.yaml", []))
+    model = build_model(load_config(CONFIGS / "tiny_cpu_synthetic.yaml", []))
     assert run["params"] == sum(p.numel() for p in model.parameters())
     epochs = records(ddp_run, "epoch")
     assert [e["epoch"] for e in epochs] == [1, 2, 3]
@@ -236,7 +237,7 @@ def test_paper_configs_build_and_match_the_paper():
         if cfg.model.name.startswith("fastervit/"):
             continue  # an optional package
         with torch.device("cpu" if "atlas" in cfg.model.name else "meta"):  # meta: no memory, no init work
-            train_script.build_model(cfg)
+            build_model(cfg)
 
 
 def test_recipe_transforms_survive_posterize_to_zero_bits():
@@ -586,12 +587,12 @@ def test_ema_selects_the_model_only_once_warmed_up_and_best_pt_says_which_weight
 
 
 def test_compile_auto_compiles_atlas_block_by_block_on_gpus_only():
-    atlas_model = train_script.build_model(load_config(CONFIGS / "tiny_cpu_synthetic.yaml"))
+    atlas_model = build_model(load_config(CONFIGS / "tiny_cpu_synthetic.yaml"))
     other = torch.nn.Linear(2, 2)
-    assert train_script.compile_mode("auto", atlas_model, torch.device("cuda")) == "regional"
-    assert train_script.compile_mode("auto", atlas_model, torch.device("cpu")) == "none"
-    assert train_script.compile_mode("auto", other, torch.device("cuda")) == "none"
-    assert train_script.compile_mode("full", other, torch.device("cpu")) == "full"
+    assert compile_mode("auto", atlas_model, torch.device("cuda")) == "regional"
+    assert compile_mode("auto", atlas_model, torch.device("cpu")) == "none"
+    assert compile_mode("auto", other, torch.device("cuda")) == "none"
+    assert compile_mode("full", other, torch.device("cpu")) == "full"
     for old, new in ((True, "full"), (False, "none")):  # the older boolean spelling
         assert (
             load_config(CONFIGS / "tiny_cpu_synthetic.yaml", [f"train.compile={str(old).lower()}"]).train.compile == new

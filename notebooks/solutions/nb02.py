@@ -2,6 +2,10 @@
 
 import math
 
+import torch
+
+from atlas.scales import MultiScaleLayout, map_to_windows
+
 
 def scale_sides(side: int, k: int = 16, s: int = 4) -> list[int]:
     """Token sides of the scales of a ``side x side`` grid: pool by ``s`` (rounding up) until ``side <= k``."""
@@ -11,11 +15,15 @@ def scale_sides(side: int, k: int = 16, s: int = 4) -> list[int]:
     return sides
 
 
-def containing_window(row: int, col: int, coarse_cols: int, levels: int, s: int = 4) -> int:
-    """Row-major index of the window ``levels`` scales coarser that contains fine window ``(row, col)``.
+def top_down_keys(maps: list[torch.Tensor], layout: MultiScaleLayout) -> torch.Tensor:
+    """The keys of every window of the finest scale in top-down attention: ``(B, nW_1, T_1 + ... + T_L, C)``.
 
-    ``coarse_cols`` is the number of window columns of the coarse scale; each level divides the window row and
-    column by ``s``.
+    ``maps``: the scales of ``layout``, finest first, each ``(B, h_l, w_l, C)``. A fine window reads its own
+    tokens, then, for each coarser scale, the tokens of the one window of that scale that contains it.
     """
-    ratio = s**levels
-    return (row // ratio) * coarse_cols + col // ratio
+    scales = layout.scales
+    keys = [map_to_windows(maps[0], scales[0].window)]  # (B, nW_1, T_1, C)
+    for coarse in range(1, len(scales)):
+        windows = map_to_windows(maps[coarse], scales[coarse].window)  # (B, nW_m, T_m, C)
+        keys.append(windows[:, layout.containing_windows(0, coarse)])  # the containing window, per fine window
+    return torch.cat(keys, dim=2)

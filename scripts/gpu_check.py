@@ -55,9 +55,10 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import yaml  # noqa: E402
+from PIL import Image  # noqa: E402
 from trainlib.compiling import COMPILE_MODES, compile_model  # noqa: E402
 from trainlib.jpegs import write_image_folder  # noqa: E402
-from trainlib.pipeline import DeviceStage  # noqa: E402
+from trainlib.pipeline import DeviceStage, SourceCrop  # noqa: E402
 from trainlib.timing import (  # noqa: E402
     device_name,
     free_memory,
@@ -776,17 +777,15 @@ def random_batch_rate(run_plan: PipelineRun, device: torch.device) -> float:
 
 def resize_seconds(run_plan: PipelineRun, device: torch.device) -> float:
     """Median seconds of the fast pipeline's trainer half (`DeviceStage`) on one batch of source-sized crops."""
-    width, height = run_plan.source
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    crop = SourceCrop((0.08, 1.0), (3 / 4, 4 / 3), 0.0, None, "bicubic", mean)  # the worker half's boxes
     generator = torch.Generator().manual_seed(0)
     crops = []
-    for _ in range(run_plan.batch):  # random-resized-crop boxes of the source: 8% to all of it, aspect 3:4 to 4:3
-        area = width * height * (0.08 + 0.92 * torch.rand(1, generator=generator).item())
-        aspect = (3 / 4) * (16 / 9) ** torch.rand(1, generator=generator).item()
-        h = min(height, max(1, round((area / aspect) ** 0.5)))
-        w = min(width, max(1, round((area * aspect) ** 0.5)))
-        crop = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator)
-        crops.append(crop.pin_memory() if device.type == "cuda" else crop)  # as the training loader hands them over
-    stage = DeviceStage(run_plan.size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), device, re_prob=0.25)
+    for _ in range(run_plan.batch):
+        pixels = torch.randint(0, 256, (*run_plan.source[::-1], 3), dtype=torch.uint8, generator=generator)
+        uint8_chw = crop(Image.fromarray(pixels.numpy()))
+        crops.append(uint8_chw.pin_memory() if device.type == "cuda" else uint8_chw)  # as the loader hands them over
+    stage = DeviceStage(run_plan.size, mean, std, device, re_prob=0.25)
     return median_seconds(lambda: stage(crops, seed=0), 2, 5, device)["wall"]
 
 

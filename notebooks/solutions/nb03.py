@@ -1,6 +1,8 @@
 """Solutions of the exercises of notebook 3 (top-down communication)."""
 
 import torch
+import torch.nn.functional as F
+from einops import reduce
 
 from atlas.scales import MultiScaleLayout, map_to_windows
 
@@ -19,8 +21,12 @@ def top_down_key_mask(layout: MultiScaleLayout, l: int) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
-def windows_read(layout: MultiScaleLayout, query: tuple[int, int]) -> dict[int, tuple[int, int]]:
-    """For a token ``(row, col)`` of scale 0: ``{scale: (window row, window col)}`` of every window it reads."""
-    s, k = layout.pool_stride, layout.window_size
-    row, col = query[0] // k, query[1] // k  # its own window at scale 0
-    return {m: (row // s**m, col // s**m) for m in range(layout.num_scales)}
+def summarise_any_size(maps: list[torch.Tensor], s: int) -> list[torch.Tensor]:
+    """Finest to coarsest, ``X[l+1] + maxpool(X[l])`` on ``(B, h_l, w_l, C)`` maps of any sides: each scale is pooled
+    after its own summary, and a partial region at the bottom or right edge pools its real tokens only."""
+    summary = [maps[0]]
+    for x_map in maps[1:]:
+        h, w = summary[-1].shape[1:3]
+        padded = F.pad(summary[-1], (0, 0, 0, (-w) % s, 0, (-h) % s), value=float("-inf"))  # -inf never wins a max
+        summary.append(x_map + reduce(padded, "b (h sh) (w sw) c -> b h w c", "max", sh=s, sw=s))
+    return summary

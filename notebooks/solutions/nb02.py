@@ -7,12 +7,14 @@ import torch
 from atlas.scales import MultiScaleLayout, map_to_windows
 
 
-def scale_sides(side: int, k: int = 16, s: int = 4) -> list[int]:
-    """Token sides of the scales of a ``side x side`` grid: pool by ``s`` (rounding up) until ``side <= k``."""
-    sides = [side]
-    while sides[-1] > k:
-        sides.append(math.ceil(sides[-1] / s))
-    return sides
+def layout_scales(h: int, w: int, k: int = 16, s: int = 4) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """``(size, window)`` of every scale of an ``h x w`` token grid, finest first: pool by ``s`` (rounding up) until
+    both sides fit in one ``k x k`` window; that last scale is a single window of its own size."""
+    scales = []
+    while h > k or w > k:
+        scales.append(((h, w), (k, k)))
+        h, w = math.ceil(h / s), math.ceil(w / s)
+    return [*scales, ((h, w), (h, w))]
 
 
 def top_down_keys(maps: list[torch.Tensor], layout: MultiScaleLayout) -> torch.Tensor:

@@ -18,6 +18,18 @@ def top_down_share(weights: np.ndarray, layout: MultiScaleLayout) -> np.ndarray:
     return grid[: fine.size[0], : fine.size[1]]  # drop the padding of partial windows, if any
 
 
-def summarising_token(token: tuple[int, int], pool_stride: int) -> tuple[int, int]:
-    """The ``(row, col)`` of the token of the next coarser scale whose max-pool region holds ``token``."""
-    return token[0] // pool_stride, token[1] // pool_stride
+def bottom_up_map(weights: np.ndarray, layout: MultiScaleLayout, scale: int, token: tuple[int, int]) -> np.ndarray:
+    """One token's bottom-up attention (heads averaged) on the grid of the next finer scale, zero where it reads
+    nothing. ``weights``: ``(windows of scale - 1, heads, queries, keys)``, the recorded bottom-up weights of
+    ``scale`` (0-based, >= 1) for one image: window ``w``'s queries are the block of tokens of ``scale`` that read it,
+    row-major, and its keys are its own tokens. Returns ``(h, w)`` of scale ``scale - 1``.
+    """
+    finer = layout.scales[scale - 1]
+    block = finer.window[0] // layout.pool_stride  # tokens of `scale` per side of one finer window
+    window = (token[0] // block) * finer.grid[1] + token[1] // block
+    query = (token[0] % block) * block + token[1] % block
+    row = weights[window, :, query].mean(axis=0).reshape(finer.window)  # (wh, ww)
+    grid = np.zeros((finer.grid[0] * finer.window[0], finer.grid[1] * finer.window[1]), dtype=row.dtype)
+    r, c = divmod(window, finer.grid[1])
+    grid[r * finer.window[0] : (r + 1) * finer.window[0], c * finer.window[1] : (c + 1) * finer.window[1]] = row
+    return grid[: finer.size[0], : finer.size[1]]  # drop the padding of partial windows, if any

@@ -26,7 +26,7 @@ import torch
 
 from .attention import AttentionRecord, WindowAttention
 from .model import Atlas
-from .scales import MultiScaleLayout, Scale
+from .scales import MultiScaleLayout, Scale, map_to_windows
 
 _ADDRESS = re.compile(r"stages\.(\d+)\.blocks\.(\d+)\.scales\.(\d+)\.attn$")
 
@@ -473,45 +473,57 @@ PHASE_COLORS = {"position": "#d9d9d9", "summarise": "#fdd0a2", "top-down": "#c6d
 
 
 def plot_msa_block(layout: MultiScaleLayout, first: int = 0, top_down: bool = True, bottom_up: bool = True, dim="C"):
-    """ "An MSA block at a glance": one column per phase, one box per step with its tensor shapes (a figure).
+    """ "An MSA block at a glance": one column per phase, two phases per row, one box per step with its tensor
+    shapes (a figure).
 
     The boxes are :func:`msa_block_steps`, top to bottom in the order the block runs them; an arrow joins
-    each step to the next. The title gives the image layout (token grid, ``k``, ``s``).
+    each step to the next. The title gives the image layout (token grid, ``k``, ``s``). The figure is about
+    660 px wide at 72 dpi, so that its 10 pt text stays legible on a page 800 px wide.
     """
     import matplotlib.pyplot as plt
     from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
     steps = msa_block_steps(layout, first, top_down, bottom_up, dim)
     phases = [p for p in PHASE_COLORS if any(s.phase == p for s in steps)]
-    rows = max(sum(s.phase == p for s in steps) for p in phases)
-    width, height, gap_x, gap_y = 4.6, 1.0, 0.5, 0.45
-    fig, ax = plt.subplots(figsize=(len(phases) * (width + gap_x) * 0.78, 1.2 + rows * (height + gap_y) * 0.78))
+    per_row = 2
+    bands = [phases[i : i + per_row] for i in range(0, len(phases), per_row)]
+    boxes = [max(sum(s.phase == p for s in steps) for p in band) for band in bands]  # boxes per column, per band
+    width, height, gap_x, gap_y, title_room = 5.4, 1.0, 0.5, 0.45, 0.9
+    band_top = [-sum(n * (height + gap_y) + title_room for n in boxes[:b]) for b in range(len(bands))]
+    total_height = sum(n * (height + gap_y) + title_room for n in boxes)
+    fig, ax = plt.subplots(figsize=(per_row * (width + gap_x) * 0.78, 0.8 + total_height * 0.78))
+    place = {p: (b, band.index(p)) for b, band in enumerate(bands) for p in band}
     centres, row_of = [], dict.fromkeys(phases, 0)
     for step in steps:
-        col, row = phases.index(step.phase), row_of[step.phase]
+        band, col = place[step.phase]
+        row = row_of[step.phase]
         row_of[step.phase] += 1
-        x, y = col * (width + gap_x), -row * (height + gap_y)
+        x, y = col * (width + gap_x), band_top[band] - row * (height + gap_y)
         ax.add_patch(
             FancyBboxPatch(
                 (x, y - height), width, height, boxstyle="round,pad=0.05", facecolor=PHASE_COLORS[step.phase]
             )
         )
-        ax.text(x + width / 2, y - 0.3 * height, f"scale {step.scale}: {step.what}", ha="center", va="center", size=8)
-        ax.text(x + width / 2, y - 0.7 * height, step.shapes, ha="center", va="center", size=8, family="monospace")
-        centres.append((x, y, col))
-    for (x0, y0, c0), (x1, y1, c1) in zip(centres, centres[1:], strict=False):
-        start, end = ((x0 + width / 2, y0 - height - 0.05), (x1 + width / 2, y1 + 0.05))
-        if c1 != c0:
+        ax.text(x + width / 2, y - 0.3 * height, f"scale {step.scale}: {step.what}", ha="center", va="center", size=10)
+        ax.text(x + width / 2, y - 0.7 * height, step.shapes, ha="center", va="center", size=10, family="monospace")
+        centres.append((x, y, band, col))
+    for (x0, y0, b0, c0), (x1, y1, b1, c1) in zip(centres, centres[1:], strict=False):
+        if b1 != b0:  # down to the next row of phases, clear of its phase title
+            start, end = (x0 + 0.2 * width, y0 - height - 0.05), (x1 + 0.8 * width, y1 + 0.05)
+        elif c1 != c0:
             start, end = (x0 + width + 0.05, y0 - height / 2), (x1 - 0.05, y1 - height / 2)
+        else:
+            start, end = (x0 + width / 2, y0 - height - 0.05), (x1 + width / 2, y1 + 0.05)
         ax.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=10, color="0.3"))
-    for col, phase in enumerate(phases):
-        ax.text(col * (width + gap_x) + width / 2, 0.35, phase, ha="center", va="bottom", size=11, weight="bold")
-    ax.set_xlim(-0.2, len(phases) * (width + gap_x) - gap_x + 0.2)
-    ax.set_ylim(-rows * (height + gap_y) + gap_y - 0.2, 0.9)
+    for phase, (band, col) in place.items():
+        x = col * (width + gap_x) + width / 2
+        ax.text(x, band_top[band] + 0.35, phase, ha="center", va="bottom", size=11, weight="bold")
+    ax.set_xlim(-0.2, per_row * (width + gap_x) - gap_x + 0.2)
+    ax.set_ylim(-total_height + title_room + gap_y - 0.2, 0.9)
     ax.set_axis_off()
     sc = layout.scales[first]
     ax.set_title(
-        f"one MSA block on a {sc.size[0]}x{sc.size[1]}-token grid: k = {layout.window_size}, "
+        f"one MSA block on a {sc.size[0]}x{sc.size[1]}-token grid: k = {layout.window_size},\n"
         f"s = {layout.pool_stride}, {layout.num_scales - first} scales (B: batch, C: channels)",
         size=10,
     )
@@ -565,3 +577,92 @@ def plot_query_reads(image: np.ndarray, layout: MultiScaleLayout, query: tuple[i
     fig.suptitle(f"the keys of fine token {query}: {keys} of {sum(s.num_tokens for s in layout.scales)} tokens")
     fig.tight_layout()
     return fig
+
+
+def label_window_reads(
+    ax, image: np.ndarray, layout: MultiScaleLayout, reads: torch.Tensor, title: str, fine: int = 0, coarse: int = 1
+) -> None:
+    """Tint each window of scale ``fine`` over ``image`` with the colour of the window of scale ``coarse`` it reads
+    (``reads``: ``(nW_fine,)`` indices, as ``MultiScaleLayout.containing_windows`` gives them), and write that
+    index on it; thin lines are the windows of ``fine``, thick ones those of ``coarse``."""
+    import matplotlib.pyplot as plt
+
+    grid = layout.scales[fine].grid
+    colours = plt.get_cmap("tab10")(reads.view(grid).numpy() % 10)
+    ax.imshow(image)
+    ax.imshow(upsample_to(colours, image.shape[:2]), alpha=0.35)
+    window_px = (image.shape[0] / grid[0], image.shape[1] / grid[1])
+    for i, window in enumerate(reads.tolist()):
+        r, c = divmod(i, grid[1])
+        ax.text(
+            (c + 0.5) * window_px[1], (r + 0.5) * window_px[0], str(window), ha="center", va="center", color="white"
+        )
+    draw_windows(ax, layout, image.shape[:2], fine, linewidth=0.5)
+    draw_windows(ax, layout, image.shape[:2], coarse, linewidth=2.5)
+    ax.set_title(title)
+    ax.set_axis_off()
+
+
+def _oblique(x: np.ndarray, y: np.ndarray, level: int) -> tuple[np.ndarray, np.ndarray]:
+    """Points of the unit square (y down) on the plane of pyramid level ``level``, drawn obliquely."""
+    return x + 0.5 * (1 - y), 0.35 * (1 - y) + 0.8 * level
+
+
+def draw_containment_tree(ax, layout: MultiScaleLayout, parents: list[torch.Tensor]) -> None:
+    """The scales of ``layout`` as stacked planes with their windows (finest at the bottom), each window joined to
+    its parent at the next coarser scale. ``parents[l]``: ``(nW_l,)`` the window of scale ``l + 1`` holding each
+    window of scale ``l``. An edge has the colour of the window of scale 2 it leads to (that of
+    :func:`label_window_reads`)."""
+    import matplotlib.pyplot as plt
+
+    cmap = plt.get_cmap("tab10")
+    centres = []
+    for level, sc in enumerate(layout.scales):
+        rows, cols = np.divmod(np.arange(sc.num_windows), sc.grid[1])
+        centres.append(_oblique((cols + 0.5) / sc.grid[1], (rows + 0.5) / sc.grid[0], level))
+        for t in np.linspace(0, 1, sc.grid[0] + 1):
+            ax.plot(*_oblique(np.array([0, 1]), np.array([t, t]), level), color="grey", linewidth=0.6)
+        for t in np.linspace(0, 1, sc.grid[1] + 1):
+            ax.plot(*_oblique(np.array([t, t]), np.array([0, 1]), level), color="grey", linewidth=0.6)
+        ax.scatter(*centres[level], s=8, color="black", zorder=3)
+        ax.text(1.6, 0.8 * level + 0.15, f"scale {level + 1}\n{sc.grid[0]}x{sc.grid[1]} windows")
+    for level, parent in enumerate(parents):
+        (child_x, child_y), (parent_x, parent_y) = centres[level], centres[level + 1]
+        colours = parent if level == 0 else torch.arange(len(parent))  # the scale-2 window each edge belongs to
+        for child, (p, colour) in enumerate(zip(parent.tolist(), colours.tolist(), strict=True)):
+            ax.plot(
+                [child_x[child], parent_x[p]], [child_y[child], parent_y[p]], color=cmap(colour % 10), linewidth=0.8
+            )
+    ax.set_aspect("equal")
+    ax.set_axis_off()
+
+
+def plot_token_masks(ax, layout: MultiScaleLayout, top_down: torch.Tensor, bottom_up: torch.Tensor, title: str) -> None:
+    """Dense ``(N, N)`` masks over the tokens of every scale as one picture: blue where a query (row) reads a key
+    (column) top-down, orange where it reads it bottom-up.
+
+    The masks index tokens scale by scale, finest first, row-major within a scale; the picture reorders each scale's
+    tokens window by window, so that every window's keys form a block.
+    """
+    from matplotlib.colors import ListedColormap
+
+    ends = np.cumsum([0] + [sc.num_tokens for sc in layout.scales])
+    order = []
+    for sc, start in zip(layout.scales, ends[:-1], strict=True):
+        ids = torch.arange(1, sc.num_tokens + 1, dtype=torch.float64).view(1, *sc.size, 1)
+        windowed = map_to_windows(ids, sc.window).flatten()  # the padding shows up as 0
+        order.append(windowed[windowed > 0].long() - 1 + int(start))
+    order = torch.cat(order)
+    picture = (top_down.int() + 2 * bottom_up.int())[order][:, order]
+    colours = ListedColormap(["white", "tab:blue", "tab:orange"])
+    ax.imshow(picture.numpy(), cmap=colours, vmin=0, vmax=2, interpolation="nearest")
+    for start in ends[1:-1]:
+        ax.axhline(start - 0.5, color="grey", linewidth=0.6)
+        ax.axvline(start - 0.5, color="grey", linewidth=0.6)
+    ticks = [(a + b) / 2 - 0.5 for a, b in zip(ends[:-1], ends[1:], strict=True)]
+    labels = [str(l + 1) for l in range(layout.num_scales)]
+    ax.set_xticks(ticks, labels)
+    ax.set_yticks(ticks, labels)
+    ax.set_xlabel("scale of the key")
+    ax.set_ylabel("scale of the query")
+    ax.set_title(f"{title}\n{(top_down | bottom_up).float().mean():.1%} of query-key pairs", fontsize=10)

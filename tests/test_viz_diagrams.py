@@ -1,4 +1,5 @@
-"""The "MSA block at a glance" diagram and the keys one query reads: shapes and supports from the layout."""
+"""The "MSA block at a glance" diagram, the keys one query reads, and the notebooks' layout pictures: shapes,
+supports and what is drawn, from the layout."""
 
 import matplotlib
 import numpy as np
@@ -7,7 +8,15 @@ import torch
 from atlas import MSABlock
 from atlas.msa import BlockGeometry
 from atlas.scales import MultiScaleLayout, build_pyramid
-from atlas.viz import msa_block_steps, plot_msa_block, plot_query_reads, query_reads
+from atlas.viz import (
+    draw_containment_tree,
+    label_window_reads,
+    msa_block_steps,
+    plot_msa_block,
+    plot_query_reads,
+    plot_token_masks,
+    query_reads,
+)
 
 matplotlib.use("Agg")
 
@@ -82,3 +91,52 @@ def test_query_reads_its_window_and_the_windows_containing_it():
     released = query_reads(layout, (5, 70), routing="released")[1]  # paired with window 4 // 16 = (0, 0)
     assert contained[0:16, 16:32].all() and released[0:16, 0:16].all() and not np.array_equal(released, contained)
     assert len(plot_query_reads(np.zeros((256, 256, 3)), layout, (70, 40)).axes) == 3
+
+
+def test_diagram_fits_a_page_800_px_wide_at_72_dpi():
+    fig = plot_msa_block(MultiScaleLayout((128, 128)))
+    assert fig.get_size_inches()[0] * 72 <= 800
+    assert min(t.get_fontsize() for t in fig.axes[0].texts) >= 10
+
+
+def test_window_reads_label_every_fine_window_with_the_window_it_reads():
+    import matplotlib.pyplot as plt
+
+    layout = MultiScaleLayout((128, 128))
+    reads = layout.containing_windows(0, 1)
+    fig, ax = plt.subplots()
+    label_window_reads(ax, np.zeros((256, 256, 3)), layout, reads, "containing")
+    assert [int(t.get_text()) for t in ax.texts] == reads.tolist()  # one label per fine window, row-major
+    plt.close(fig)
+
+
+def test_containment_tree_joins_every_window_to_its_parent():
+    import matplotlib.pyplot as plt
+
+    layout = MultiScaleLayout((128, 128))
+    parents = [layout.containing_windows(l, l + 1) for l in range(layout.num_scales - 1)]
+    fig, ax = plt.subplots()
+    draw_containment_tree(ax, layout, parents)
+    grid_lines = sum(sc.grid[0] + sc.grid[1] + 2 for sc in layout.scales)
+    assert len(ax.lines) == grid_lines + sum(len(p) for p in parents)  # 64 + 4 edges
+    plt.close(fig)
+
+
+def test_token_masks_picture_keeps_every_pair_and_groups_each_window():
+    import matplotlib.pyplot as plt
+
+    layout = MultiScaleLayout((8, 8), window_size=4, pool_stride=2)  # 64 + 16 + 4 tokens
+    sizes = [sc.num_tokens for sc in layout.scales]
+    n = sum(sizes)
+    rows, cols = torch.arange(64) // 8, torch.arange(64) % 8
+    window = (rows // 4) * 2 + cols // 4  # the window of each scale-1 token, row-major
+    top_down = torch.zeros(n, n, dtype=torch.bool)
+    top_down[:64, :64] = window[:, None] == window[None, :]  # scale 1 reads its own window
+    bottom_up = torch.zeros(n, n, dtype=torch.bool)
+    bottom_up[64:80, :16] = True
+    fig, ax = plt.subplots()
+    plot_token_masks(ax, layout, top_down, bottom_up, "test")
+    picture = np.asarray(ax.images[0].get_array())
+    assert (picture == 1).sum() == top_down.sum() and (picture == 2).sum() == bottom_up.sum()
+    assert (picture[:16, :16] == 1).all() and (picture[:16, 16:64] == 0).all()  # window 0's tokens read window 0
+    plt.close(fig)

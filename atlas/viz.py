@@ -9,16 +9,19 @@ computes its weights explicitly and keeps them::
 
 Plotting needs matplotlib (the ``notebooks`` extra); it is imported only by the functions that draw.
 :func:`plot_attention_view` draws one query's attention at every scale; :class:`AttentionExplorer` is the
-same view as an interactive ipywidgets explorer (pick block, scale, head and query token).
+same view as an interactive ipywidgets explorer (pick block, scale, head and query token). :func:`cut_routes`
+closes some routes of a trained model (keys hidden from some windows, bottom-up skipped), to measure which ones
+its answers need.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 import io
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +29,7 @@ import torch
 
 from .attention import AttentionRecord, WindowAttention
 from .model import Atlas
+from .msa import BlockGeometry
 from .scales import MultiScaleLayout, Scale, map_to_windows
 
 _ADDRESS = re.compile(r"stages\.(\d+)\.blocks\.(\d+)\.scales\.(\d+)\.attn$")
@@ -114,6 +118,49 @@ def record_attention(model: Atlas) -> Iterator[AttentionMaps]:
             for record in module.records:
                 maps.records[stage, block, record.kind, record.query_scale] = record
             module.records = None
+
+
+@contextlib.contextmanager
+def cut_routes(model: Atlas, edit: Callable | None = None, bottom_up: bool = True) -> Iterator[None]:
+    """Run ``model`` with some attention routes closed while the context is open; its weights are not touched.
+
+    ``edit(stage, masks)`` may set entries of a stage's top-down key masks to False: ``masks[l]`` is
+    ``(windows of active scale l, keys)`` bool, a window's keys being its own tokens and then those of the window
+    it reads at each coarser scale (hidden exactly as padding is). ``bottom_up=False`` skips every bottom-up pass.
+    """
+    original = model.geometry
+
+    def geometry(plan, device):
+        edited = []
+        for stage, geo in enumerate(original(plan, device)):
+            geo = copy.copy(geo)
+            geo.top_down_masks = [
+                torch.ones(sc.num_windows, _top_down_keys(geo, l), dtype=torch.bool) if mask is None else mask.clone()
+                for l, (sc, mask) in enumerate(zip(geo.scales, geo.top_down_masks, strict=True))
+            ]
+            geo.flex_masks = None  # the masks above are the ones that hold
+            if edit is not None:
+                edit(stage, geo.top_down_masks)
+            edited.append(geo)
+        return edited
+
+    blocks = [block for stage in model.stages for block in stage.blocks]
+    switches = [block.bottom_up for block in blocks]
+    model.geometry = geometry  # shadows the method, for this instance only
+    for block in blocks:
+        block.bottom_up = block.bottom_up and bottom_up
+    try:
+        yield
+    finally:
+        del model.geometry
+        for block, switch in zip(blocks, switches, strict=True):
+            block.bottom_up = switch
+
+
+def _top_down_keys(geo: BlockGeometry, l: int) -> int:
+    """Keys a window of active scale ``l`` reads in top-down: its own tokens, then those of the windows it reads."""
+    routed = [m for m in range(l + 1, len(geo.scales)) if (l, m) in geo.top_down_windows]
+    return geo.scales[l].tokens_per_window + sum(geo.scales[m].tokens_per_window for m in routed)
 
 
 def upsample_to(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -537,8 +584,6 @@ def query_reads(layout: MultiScaleLayout, query: tuple[int, int], routing: str =
     Its own window at scale 0 and, at every coarser scale, the window :class:`atlas.msa.BlockGeometry` routes its
     window to (``routing`` as in :meth:`MultiScaleLayout.containing_windows`).
     """
-    from .msa import BlockGeometry
-
     geo = BlockGeometry.build(layout, 0, routing, top_down=True)
     fine = layout.scales[0]
     window = (query[0] // fine.window[0]) * fine.grid[1] + query[1] // fine.window[1]

@@ -1,11 +1,12 @@
-"""Attention maps: recorded on request only, and each one a distribution over what the query may read."""
+"""Attention maps: recorded on request only, and each one a distribution over what the query may read; routes
+closed on request only, and closing them is what the switches do."""
 
 import matplotlib
 import numpy as np
 import torch
 
 from atlas import Atlas
-from atlas.viz import plot_attention, plot_scales, record_attention
+from atlas.viz import cut_routes, plot_attention, plot_scales, record_attention
 
 matplotlib.use("Agg")
 
@@ -50,3 +51,37 @@ def test_query_maps_sum_to_one_and_respect_windows():
     assert len(fig.axes) == 3
     fig = plot_scales(np.zeros((160, 224)), layout)
     assert len(fig.axes) == 3
+
+
+def _tiny_atlas(**switches):
+    torch.manual_seed(0)
+    kwargs = dict(img_size=64, patch_size=4, window_size=4, pool_stride=4, embed_dim=32, num_heads=2, stem_width=8)
+    return Atlas(stem_depth=1, depths=(2, 1), num_classes=2, **kwargs, **switches)
+
+
+def test_cut_routes_without_a_cut_is_the_model_and_leaves_it_as_it_was():
+    model = _tiny_atlas().eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        with cut_routes(model):
+            torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+        with cut_routes(model, bottom_up=False):
+            assert not torch.equal(model(x), expected)  # the cut changes the answer ...
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)  # ... only while the context is open
+    assert "geometry" not in vars(model) and all(b.bottom_up for s in model.stages for b in s.blocks)
+
+
+def test_closing_every_coarse_key_is_the_model_without_top_down():
+    model, without = _tiny_atlas().eval(), _tiny_atlas(top_down=False).eval()
+    without.load_state_dict(model.state_dict())  # top-down adds no weights: the same model, one switch apart
+    x = torch.randn(2, 3, 64, 64)
+
+    def close_top_down(stage, masks):
+        for l, mask in enumerate(masks):
+            mask[:, model.config.layout.scales[stage + l].tokens_per_window :] = False
+
+    with torch.no_grad(), cut_routes(model, close_top_down):
+        torch.testing.assert_close(model(x), without(x))
+    with torch.no_grad():
+        assert not torch.allclose(model(x), without(x))

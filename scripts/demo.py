@@ -30,9 +30,6 @@ what each kind of communication makes possible, not the values.
     python scripts/demo.py --seeds 0 1 2 3 4            # other or more seeds
     python scripts/demo.py --quick --out /tmp/demo      # a smoke test in seconds (tiny data, 2 epochs)
     python scripts/demo.py --parts cost                 # only the cost part
-
-``--save-asset`` also stores the first seed's MSA model in ``notebooks/assets/`` (see there for the model the
-attention-map notebook reads).
 """
 
 from __future__ import annotations
@@ -68,9 +65,7 @@ from atlas.profiling import cpu_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "scripts" / "configs" / "demo"
-ASSET = ROOT / "notebooks" / "assets" / "atlas_tiny_longrange.pt"
 PAPER = ROOT / "scripts" / "data" / "paper_results.yaml"
-ASSET_CONFIG = CONFIGS / "attention_maps_64px.yaml"  # the model notebook 06 reads (not a variant of the table)
 VARIANTS = ("window", "multiscale", "bottom_up", "top_down", "msa", "vit")  # table order; each has a config
 QUICK = [
     "data.kwargs.train_size=16",
@@ -130,9 +125,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="runs trained at once, in separate processes (default: 2, or 1 on a single core)",
     )
     parser.add_argument(
-        "--save-asset", action="store_true", help=f"also train {ASSET_CONFIG.name} and save it to {ASSET.name}"
-    )
-    parser.add_argument(
         "--parts", nargs="+", choices=("communication", "cost"), default=["communication", "cost"], help="what to run"
     )
     return parser.parse_args(argv)
@@ -185,14 +177,13 @@ def train_run(config: Path, run_dir: Path, seed: int, overrides: list[str], thre
     return result
 
 
-def save_model(run_dir: Path, cfg: Config, top1: float, path: Path, dtype: torch.dtype = torch.float32) -> None:
+def save_model(run_dir: Path, cfg: Config, top1: float, path: Path) -> None:
     """The final weights of a run and what rebuilds the model, loadable with ``torch.load(weights_only=True)``.
 
     ``timm.create_model(ckpt["model_name"], **ckpt["model_kwargs"]).load_state_dict(ckpt["state_dict"])``
     (after ``import atlas``); ``ckpt["task"]`` holds the options of the dataset it was trained on.
     """
     state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     kwargs = dict(img_size=cfg.model.img_size, num_classes=cfg.data.num_classes, **cfg.model.kwargs)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(
@@ -426,11 +417,6 @@ def run_communication(args: argparse.Namespace) -> list[Result]:
         if result.variant == "msa":  # the first seed's MSA model
             save_model(run_dir, run_config(config, run_dir, seed, overrides), result.top1, args.out / "atlas_msa.pt")
             break
-    if args.save_asset:
-        print(f"\nthe attention-map notebook's model: {ASSET_CONFIG}", flush=True)
-        run_dir, seed = args.out / "runs" / ASSET_CONFIG.stem, load_config(ASSET_CONFIG).seed
-        result = train_run(ASSET_CONFIG, run_dir, seed, overrides, max(args.threads, args.jobs), quiet=False)
-        save_model(run_dir, run_config(ASSET_CONFIG, run_dir, seed, overrides), result.top1, ASSET, torch.float16)
     text = write_tables(results, args.out)
     plot_curves(results, args.out / "learning_curves.png")
     plot_bars(results, args.out / "accuracy.png")

@@ -15,9 +15,8 @@ from atlas.scales import map_to_windows
 
 matplotlib.use("Agg")
 
-# The module's default geometry: 64px images, 4x4-pixel tokens, windows of 4x4 tokens, the paper's stem (the model
-# of the attention-map notebook, scripts/configs/demo/attention_maps_64px.yaml); narrower than the demo's models
-# (which pixels a token depends on does not depend on the width).
+# The module's default geometry: 64px images, 4x4-pixel tokens, windows of 4x4 tokens, the paper's stem; narrower
+# than the demo's models (which pixels a token depends on does not depend on the width).
 ATLAS = dict(img_size=64, patch_size=4, window_size=4, pool_stride=4, embed_dim=16, num_heads=2, stem_width=4)
 # The demo's table (scripts/configs/demo/_atlas.yaml): 32px images with 4px bars, one residual block per stem stage.
 DEMO = {**ATLAS, "img_size": 32, "stem_depth": 1}

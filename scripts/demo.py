@@ -81,7 +81,8 @@ COST_SIZES = (32, 64, 128, 256, 512)
 COST_QUICK_SIZES = (32, 64)
 COST_MODELS = {  # name -> (config, overrides); MSA as a stack: three MSA blocks over every scale, none dropped
     "window": ("window.yaml", ()),
-    "msa": ("msa.yaml", ("model.kwargs.composition=stack", "model.kwargs.depths=[3]")),
+    # pooled by 4 (k = s), so that the number of scales grows as log_4 N, as Atlas-B's (k = 16, s = 4) does
+    "msa": ("msa.yaml", ("model.kwargs.composition=stack", "model.kwargs.depths=[3]", "model.kwargs.pool_stride=4")),
     "vit": ("vit.yaml", ()),
 }
 COST_LABELS = {"window": "window attention", "msa": "MSA", "vit": "ViT"}

@@ -18,8 +18,9 @@ matplotlib.use("Agg")
 # The module's default geometry: 64px images, 4x4-pixel tokens, windows of 4x4 tokens, the paper's stem; narrower
 # than the demo's models (which pixels a token depends on does not depend on the width).
 ATLAS = dict(img_size=64, patch_size=4, window_size=4, pool_stride=4, embed_dim=16, num_heads=2, stem_width=4)
-# The demo's table (scripts/configs/demo/_atlas.yaml): 32px images with 4px bars, one residual block per stem stage.
-DEMO = {**ATLAS, "img_size": 32, "stem_depth": 1}
+# The demo's table (scripts/configs/demo/_atlas.yaml): 32px images with 4px bars, one residual block per stem stage,
+# coarse tokens that pool 2x2 fine tokens.
+DEMO = {**ATLAS, "img_size": 32, "stem_depth": 1, "pool_stride": 2}
 GEOMETRIES = {
     "default 64px": (ATLAS, {}, (2,), (1, 1)),
     "demo 32px": (DEMO, dict(image_size=32, bar_width=4), (3,), (2, 1)),

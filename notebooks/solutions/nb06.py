@@ -1,28 +1,27 @@
 """Solutions of the exercises of notebook 6 (training a tiny Atlas)."""
 
-import itertools
+import torch
+from einops import rearrange
 
-import numpy as np
-import torch.nn as nn
+from atlas import Atlas
+from atlas.scales import MultiScaleLayout
 
 
-def best_additive_correct(counts: np.ndarray) -> int:
-    """The most images any rule "same iff f(left) + g(right) > 0" gets right; ``counts[left, right]``: ``(2, 2)``.
+def readout_logits(model: Atlas, last_stage_maps: list[torch.Tensor]) -> torch.Tensor:
+    """The last stage's ``(B, h_l, w_l, C)`` maps, finest first -> ``(B, classes)`` logits.
 
-    With two colours integer scores f, g in {0, 1} and thresholds t in {0, 1, 2, 3} (``f + g >= t``), and their
-    negations, give every labelling of the four pairs that such a rule can produce.
+    Atlas reads out the coarsest scale only: its tokens are normalised one by one, averaged, normalised again
+    and classified.
     """
-    same = np.eye(2, dtype=bool)
-    best = 0
-    for f in itertools.product((0, 1), repeat=2):
-        for g in itertools.product((0, 1), repeat=2):
-            says_same = np.add.outer(f, g)[None] >= np.arange(4)[:, None, None]  # (threshold, left, right)
-            for labels in (says_same, ~says_same):
-                best = max(best, int(((labels == same) * counts).sum((1, 2)).max()))
-    return best
+    tokens_bnc = rearrange(last_stage_maps[-1], "b h w c -> b (h w) c")
+    pooled_bc = model.fc_norm(model.readout_norm(tokens_bnc).mean(dim=1))
+    return model.head(pooled_bc)
 
 
-def extra_parameters(model: nn.Module, other: nn.Module) -> dict[str, int]:
-    """``{name: number of values}`` of the parameters of ``model`` that ``other`` has no parameter of that name for."""
-    theirs = dict(other.named_parameters())
-    return {name: p.numel() for name, p in model.named_parameters() if name not in theirs}
+def close_top_down(layout: MultiScaleLayout, first_scale: int, masks: list[torch.Tensor]) -> None:
+    """Hide, in place, every key that a window of ``masks[l]`` (scale ``first_scale + l``) reads at a coarser scale.
+
+    ``masks[l]``: ``(windows, keys)`` bool, the window's own ``tokens_per_window`` keys first.
+    """
+    for l, mask in enumerate(masks):
+        mask[:, layout.scales[first_scale + l].tokens_per_window :] = False

@@ -3,6 +3,7 @@
 import math
 
 import torch
+from einops import repeat
 
 
 def feature_sizes(image_size, patch_size=16, pool_stride=4, window_size=16):
@@ -20,8 +21,11 @@ def feature_sizes(image_size, patch_size=16, pool_stride=4, window_size=16):
     return sizes
 
 
-def class_iou(pred: torch.Tensor, truth: torch.Tensor, cls: int) -> float:
-    """Intersection over union of class ``cls`` between two integer masks of the same shape (any shape)."""
-    inter = ((pred == cls) & (truth == cls)).sum().item()
-    union = ((pred == cls) | (truth == cls)).sum().item()
-    return inter / union
+def upsample_to_finer(coarse_bchw: torch.Tensor, fine_size: tuple[int, int], s: int) -> torch.Tensor:
+    """``(B, C, h, w)`` coarse map -> ``(B, C, *fine_size)``: every fine token gets the coarse token that pools it.
+
+    Fine token ``(i, j)`` lies in the pooling block of coarse token ``(i // s, j // s)``; the last blocks may be
+    partial (the coarse sides are the fine ones divided by ``s``, rounded up), so the copies are cropped.
+    """
+    copies = repeat(coarse_bchw, "b c h w -> b c (h sh) (w sw)", sh=s, sw=s)
+    return copies[..., : fine_size[0], : fine_size[1]]

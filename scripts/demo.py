@@ -5,10 +5,12 @@
 ``atlas/longrange.py``, each through
 ``scripts/train.py`` with its config in ``scripts/configs/demo/`` and once for each of three seeds (the seed
 sets the initialisation and the images), then prints, per variant, how many seeds solved the task, the mean
-and range of the accuracy and the training time, next to the paper's top-1, and writes to ``results/demo/``:
+and range of the accuracy, the accuracy of the trained weights with each direction of communication the variant
+has closed (top-down, bottom-up: what the trained models route through it) and the training time, next to the
+paper's top-1, and writes to ``results/demo/``:
 
     table.csv, table.md     that table
-    runs.csv                one row per variant and seed: accuracy, final loss, training time
+    runs.csv                one row per variant and seed: accuracy, with each direction closed, final loss, time
     learning_curves.png     validation accuracy and training loss after every epoch, every run
     accuracy.png            each run's accuracy as a dot, the mean as a bar, next to the paper's
     atlas_msa.pt            the trained MSA model of the first seed: {"model_name", "model_kwargs", "state_dict", ...}
@@ -57,11 +59,13 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 import train  # noqa: E402  (scripts/train.py: this folder is on sys.path when the demo runs as a script)
 import yaml  # noqa: E402
-from trainlib.building import build_model  # noqa: E402
+from trainlib.building import build_model, build_transforms  # noqa: E402
 from trainlib.config import Config, load_config  # noqa: E402
 from trainlib.cost import cost_table, growth, measure_costs, plot_costs, write_costs  # noqa: E402
 
+from atlas.datasets import build_dataset  # noqa: E402
 from atlas.profiling import cpu_name  # noqa: E402
+from atlas.viz import cut_routes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "scripts" / "configs" / "demo"
@@ -90,6 +94,7 @@ PAPER_TABLE6 = {"window": "WViT-B/16", "msa": "Atlas-B/16", "vit": "ViT-B/16"}  
 
 SEEDS = (0, 1, 2)
 SOLVED = 90.0  # validation top-1 (%) from which a run counts as having solved the task
+CUTS = ("top-down", "bottom-up")  # the directions of communication closed, one at a time, after training
 
 
 @dataclass
@@ -106,6 +111,7 @@ class Result:
     params: int
     epochs: list[dict]  # train.py's "epoch" records: step, val_top1, epoch_time_s, ...
     steps: list[dict]  # its "step" records (every train.log_every steps): step, loss, ...
+    cuts: dict[str, float]  # validation top-1 (%) with one direction the variant has closed (see route_cuts)
 
     @property
     def solved(self) -> bool:
@@ -174,8 +180,45 @@ def train_run(config: Path, run_dir: Path, seed: int, overrides: list[str], thre
         params=read_records(run_dir, "run")[-1]["params"],
         epochs=epochs,
         steps=read_records(run_dir, "step"),
+        cuts=route_cuts(config, run_dir, seed, overrides),
     )
     return result
+
+
+def val_top1(model: torch.nn.Module, cfg: Config) -> float:
+    """Validation top-1 (%) of ``model`` on the task and with the evaluation transform of ``cfg``."""
+    task = dict(cfg.data.kwargs)
+    val = build_dataset(cfg.data.name, "val", build_transforms(cfg)[1], num_classes=cfg.data.num_classes, **task)
+    images, labels = zip(*(val[i] for i in range(len(val))), strict=True)
+    with torch.no_grad():
+        predictions = model.eval()(torch.stack(images)).argmax(1)
+    return 100 * (predictions == torch.tensor(labels)).float().mean().item()
+
+
+def route_cuts(config: Path, run_dir: Path, seed: int, overrides: list[str]) -> dict[str, float]:
+    """Validation top-1 (%) of a run's final weights with each direction of communication it has closed.
+
+    Top-down: the same weights in the model built with ``top_down=False`` (top-down adds no weights, so they load
+    as they are); bottom-up: the bottom-up passes skipped (``atlas.viz.cut_routes``). Empty for models that have
+    neither (window attention, ViT). What a trained model loses here is what it came to route through that
+    direction, not what the task needs.
+    """
+    cfg = run_config(config, run_dir, seed, overrides)
+    state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
+    model = build_model(cfg)
+    switches = getattr(model, "config", None)
+    if switches is None or not switches.multiscale:
+        return {}
+    model.load_state_dict(state)
+    cuts = {}
+    if switches.top_down:
+        closed = build_model(run_config(config, run_dir, seed, [*overrides, "model.kwargs.top_down=false"]))
+        closed.load_state_dict(state)
+        cuts["top-down"] = val_top1(closed, cfg)
+    if switches.bottom_up:
+        with cut_routes(model, bottom_up=False):
+            cuts["bottom-up"] = val_top1(model, cfg)
+    return cuts
 
 
 def save_model(run_dir: Path, cfg: Config, top1: float, path: Path) -> None:
@@ -221,6 +264,12 @@ def table_rows(results: list[Result]) -> list[dict]:
                 "seeds solved (top-1 >= 90%)": f"{sum(r.solved for r in runs)} of {len(runs)}",
                 "our top-1, mean (%)": f"{statistics.mean(top1):.1f}",
                 "our top-1, range (%)": f"{min(top1):.1f} to {max(top1):.1f}",
+                **{
+                    f"without {cut}, mean (%)": (
+                        f"{statistics.mean(r.cuts[cut] for r in runs):.1f}" if cut in first.cuts else "-"
+                    )
+                    for cut in CUTS
+                },
                 "train time per run (s)": f"{statistics.mean(r.train_s for r in runs):.0f}",
                 "parameters": f"{first.params:,}",
             }
@@ -234,6 +283,7 @@ def run_rows(results: list[Result]) -> list[dict]:
             "variant": r.name,
             "seed": r.seed,
             "top-1 (%)": f"{r.top1:.2f}",
+            **{f"without {cut} (%)": f"{r.cuts[cut]:.2f}" if cut in r.cuts else "-" for cut in CUTS},
             "last-epoch train loss": f"{r.loss:.4f}",
             "train time (s)": f"{r.train_s:.1f}",
         }
@@ -409,8 +459,9 @@ def run_communication(args: argparse.Namespace) -> list[Result]:
         finished = pool.map(train_run, *zip(*calls, strict=True)) if pool else (train_run(*call) for call in calls)
         for i, result in enumerate(finished, 1):
             results.append(result)
+            closed = "".join(f", without {cut} {top1:.1f}%" for cut, top1 in result.cuts.items())
             print(
-                f"[{i}/{len(runs)}] {result.variant}, seed {result.seed}: top-1 {result.top1:.1f}%, "
+                f"[{i}/{len(runs)}] {result.variant}, seed {result.seed}: top-1 {result.top1:.1f}%{closed}, "
                 f"last-epoch loss {result.loss:.3f}, {result.train_s:.0f} s",
                 flush=True,
             )

@@ -12,11 +12,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import demo  # noqa: E402
-from trainlib.building import build_model, build_transforms  # noqa: E402
+from trainlib.building import build_model  # noqa: E402
 from trainlib.config import load_config, to_dict  # noqa: E402
 
-from atlas.datasets import build_dataset  # noqa: E402
 from atlas.longrange import LongRangeMatch  # noqa: E402
+from atlas.viz import cut_routes  # noqa: E402
 
 SWITCHES = {  # variant -> (multiscale, top_down, bottom_up)
     "window": (False, True, True),
@@ -112,14 +112,11 @@ def test_quick_demo_writes_tables_figures_and_a_model_that_reproduces_its_accura
     ckpt = torch.load(tmp_path / "atlas_msa.pt", map_location="cpu", weights_only=True)
     model = timm.create_model(ckpt["model_name"], **ckpt["model_kwargs"]).eval()
     model.load_state_dict(ckpt["state_dict"])
-    task = dict(ckpt["task"])
     cfg = load_config(demo.CONFIGS / "msa.yaml", demo.QUICK)
-    val = build_dataset(task.pop("name"), "val", build_transforms(cfg)[1], num_classes=2, **task)
-    images, labels = zip(*(val[i] for i in range(len(val))), strict=True)
-    with torch.no_grad():
-        predictions = model(torch.stack(images)).argmax(1)
-    top1 = 100 * (predictions == torch.tensor(labels)).float().mean().item()
+    assert ckpt["task"] == {"name": cfg.data.name, **cfg.data.kwargs}
+    top1 = demo.val_top1(model, cfg)
     assert abs(top1 - ckpt["val_top1"]) < 1e-6 and ckpt["val_top1"] == results[2].top1  # the first seed's
+    assert set(results[2].cuts) == set(demo.CUTS) and results[0].cuts == {}  # MSA has both directions to close
 
 
 def test_cost_models_are_three_blocks_of_each_kind_at_the_demos_width():
@@ -130,3 +127,37 @@ def test_cost_models_are_three_blocks_of_each_kind_at_the_demos_width():
     assert sum(len(s.blocks) for s in window.stages) == sum(len(s.blocks) for s in msa.stages) == len(vit.blocks) == 3
     assert window.embed_dim == msa.embed_dim == vit.embed_dim == 64
     assert demo.tokens_at(128) == vit.patch_embed.num_patches == window.config.layout.scales[0].num_tokens == 1024
+
+
+def test_route_cuts_close_each_direction_as_the_masks_of_cut_routes_do(tmp_path, monkeypatch):
+    """route_cuts closes top-down through the ``top_down=False`` model and bottom-up through ``cut_routes``; the
+    first must compute what hiding every coarser key from every window computes, with the same weights."""
+    config, run_dir = demo.CONFIGS / "msa.yaml", tmp_path / "msa_seed0"
+    run_dir.mkdir()
+    cfg = demo.run_config(config, run_dir, 0, [])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.5)  # answers that depend on every route, unlike a model at initialisation
+    torch.save({"model": model.state_dict()}, run_dir / "last.pt")
+    images = torch.randn(4, 3, 32, 32)
+
+    def mean_logit(model, cfg):  # stands in for the accuracy: a score that moves with any change of the model
+        with torch.no_grad():
+            return model.eval()(images)[:, 1].mean().item()
+
+    monkeypatch.setattr(demo, "val_top1", mean_logit)
+    cuts = demo.route_cuts(config, run_dir, 0, [])
+    assert set(cuts) == set(demo.CUTS)
+
+    def hide_coarser_keys(stage, masks):
+        for l, mask in enumerate(masks):
+            mask[:, model.config.layout.scales[stage + l].tokens_per_window :] = False
+
+    with cut_routes(model, edit=hide_coarser_keys):
+        assert abs(cuts["top-down"] - mean_logit(model, cfg)) < 1e-4
+    with cut_routes(model, bottom_up=False):
+        assert abs(cuts["bottom-up"] - mean_logit(model, cfg)) < 1e-4
+    as_trained = mean_logit(model, cfg)
+    assert min(abs(cuts["top-down"] - as_trained), abs(cuts["bottom-up"] - as_trained)) > 1e-3  # both matter
+    assert demo.route_cuts(demo.CONFIGS / "window.yaml", run_dir, 0, []) == {}  # nothing to close

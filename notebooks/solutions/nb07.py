@@ -6,16 +6,27 @@ from einops import rearrange
 from atlas.scales import MultiScaleLayout
 
 
-def top_down_share(weights: np.ndarray, layout: MultiScaleLayout) -> np.ndarray:
-    """Per token of scale 0, the share of its top-down attention (heads averaged) that leaves its own window.
+def top_down_map(weights: np.ndarray, layout: MultiScaleLayout, token: tuple[int, int]) -> dict[int, np.ndarray]:
+    """Where fine token ``token`` = (row, col) reads in top-down: ``{key scale: (h_m, w_m) weights}``, heads averaged.
 
-    ``weights``: ``(windows, heads, queries, keys)``, the recorded top-down weights of scale 0 for one image; the
-    keys of a window are its own ``k x k`` tokens first, then those of the coarser scales. Returns ``(h, w)``.
+    ``weights``: ``(windows, heads, queries, keys)``, the recorded top-down weights of scale 0 for one image, the
+    windows and the queries inside a window in row-major order; a window's keys are its own ``k x k`` tokens, then
+    those of the window it reads at every coarser scale, the one that contains it. Unread tokens are 0.
     """
     fine = layout.scales[0]
-    outside = weights[..., fine.tokens_per_window :].sum(-1).mean(1)  # (windows, queries)
-    grid = rearrange(outside, "(gh gw) (wh ww) -> (gh wh) (gw ww)", gw=fine.grid[1], ww=fine.window[1])
-    return grid[: fine.size[0], : fine.size[1]]  # drop the padding of partial windows, if any
+    (r, c), (kh, kw) = token, fine.window
+    window = (r // kh) * fine.grid[1] + c // kw
+    row = weights[window, :, (r % kh) * kw + c % kw].mean(0)  # (keys,): the query's softmax, heads averaged
+    grids, offset = {}, 0
+    for m, sc in enumerate(layout.scales):
+        read = window if m == 0 else int(layout.containing_windows(0, m)[window])
+        keys = rearrange(row[offset : offset + sc.tokens_per_window], "(wh ww) -> wh ww", wh=sc.window[0])
+        top, left = (read // sc.grid[1]) * sc.window[0], (read % sc.grid[1]) * sc.window[1]
+        padded = np.zeros((sc.grid[0] * sc.window[0], sc.grid[1] * sc.window[1]), dtype=row.dtype)
+        padded[top : top + sc.window[0], left : left + sc.window[1]] = keys
+        grids[m] = padded[: sc.size[0], : sc.size[1]]  # padding keys of a partial window have no place
+        offset += sc.tokens_per_window
+    return grids
 
 
 def bottom_up_map(weights: np.ndarray, layout: MultiScaleLayout, scale: int, token: tuple[int, int]) -> np.ndarray:

@@ -161,3 +161,13 @@ def test_route_cuts_close_each_direction_as_the_masks_of_cut_routes_do(tmp_path,
     as_trained = mean_logit(model, cfg)
     assert min(abs(cuts["top-down"] - as_trained), abs(cuts["bottom-up"] - as_trained)) > 1e-3  # both matter
     assert demo.route_cuts(demo.CONFIGS / "window.yaml", run_dir, 0, []) == {}  # nothing to close
+
+
+def test_steps_to_solve_is_the_first_evaluation_at_or_above_the_threshold():
+    def run(*top1):
+        epochs = [{"step": 24 * (i + 1), "val_top1": t} for i, t in enumerate(top1)]
+        return demo.Result("msa", 0, "MSA", 72.02, top1[-1], 0.1, 1.0, 1, epochs, [], {})
+
+    assert run(50.0, demo.SOLVED, 100.0).steps_to_solve == 48
+    assert run(50.0, 89.9, 50.0).steps_to_solve is None  # never solved
+    assert run(95.0, 60.0, 100.0).steps_to_solve == 24  # the first time counts, whatever follows

@@ -79,6 +79,14 @@ class BlockGeometry:
             geo.flex_masks = [top_down_block_mask(geo, l, device) if l < n - 1 else None for l in range(n)]
         return geo
 
+    def top_down_key_mask(self, l: int, device=None) -> torch.Tensor:
+        """``top_down_masks[l]`` made explicit: ``(nW_l, T_l + sum_m T_m)`` bool, all True where nothing is padded."""
+        if self.top_down_masks[l] is not None:
+            return self.top_down_masks[l]
+        routed = [m for m in range(l + 1, len(self.scales)) if (l, m) in self.top_down_windows]
+        keys = self.scales[l].tokens_per_window + sum(self.scales[m].tokens_per_window for m in routed)
+        return torch.ones(self.scales[l].num_windows, keys, dtype=torch.bool, device=device)
+
     @property
     def bottom_up_block(self) -> tuple[int, int]:
         """Tokens per side of scale l+1 covered by one window of scale l."""

@@ -134,10 +134,7 @@ def cut_routes(model: Atlas, edit: Callable | None = None, bottom_up: bool = Tru
         edited = []
         for stage, geo in enumerate(original(plan, device)):
             geo = copy.copy(geo)
-            geo.top_down_masks = [
-                torch.ones(sc.num_windows, _top_down_keys(geo, l), dtype=torch.bool) if mask is None else mask.clone()
-                for l, (sc, mask) in enumerate(zip(geo.scales, geo.top_down_masks, strict=True))
-            ]
+            geo.top_down_masks = [geo.top_down_key_mask(l, device).clone() for l in range(len(geo.scales))]
             geo.flex_masks = None  # the masks above are the ones that hold
             if edit is not None:
                 edit(stage, geo.top_down_masks)
@@ -155,12 +152,6 @@ def cut_routes(model: Atlas, edit: Callable | None = None, bottom_up: bool = Tru
         del model.geometry
         for block, switch in zip(blocks, switches, strict=True):
             block.bottom_up = switch
-
-
-def _top_down_keys(geo: BlockGeometry, l: int) -> int:
-    """Keys a window of active scale ``l`` reads in top-down: its own tokens, then those of the windows it reads."""
-    routed = [m for m in range(l + 1, len(geo.scales)) if (l, m) in geo.top_down_windows]
-    return geo.scales[l].tokens_per_window + sum(geo.scales[m].tokens_per_window for m in routed)
 
 
 def upsample_to(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -62,8 +62,8 @@ import yaml  # noqa: E402
 from trainlib.building import build_model, build_transforms  # noqa: E402
 from trainlib.config import Config, load_config  # noqa: E402
 from trainlib.cost import cost_table, growth, measure_costs, plot_costs, write_costs  # noqa: E402
+from trainlib.evaluation import evaluate, load_dataset  # noqa: E402
 
-from atlas.datasets import build_dataset  # noqa: E402
 from atlas.profiling import cpu_name  # noqa: E402
 from atlas.viz import cut_routes  # noqa: E402
 
@@ -191,13 +191,13 @@ def train_run(config: Path, run_dir: Path, seed: int, overrides: list[str], thre
 
 
 def val_top1(model: torch.nn.Module, cfg: Config) -> float:
-    """Validation top-1 (%) of ``model`` on the task and with the evaluation transform of ``cfg``."""
-    task = dict(cfg.data.kwargs)
-    val = build_dataset(cfg.data.name, "val", build_transforms(cfg)[1], num_classes=cfg.data.num_classes, **task)
+    """Validation top-1 (%) of ``model`` on the task and with the evaluation transform of ``cfg``, as train.py
+    evaluates it (one batch of the whole validation split, on the CPU)."""
+    val = load_dataset(cfg, "val", build_transforms(cfg)[1])
     images, labels = zip(*(val[i] for i in range(len(val))), strict=True)
+    batch = (torch.stack(images), torch.tensor(labels), 0)
     with torch.no_grad():
-        predictions = model.eval()(torch.stack(images)).argmax(1)
-    return 100 * (predictions == torch.tensor(labels)).float().mean().item()
+        return evaluate(model, [batch], torch.device("cpu"), contextlib.nullcontext, False)["top1"]
 
 
 def route_cuts(config: Path, run_dir: Path, seed: int, overrides: list[str]) -> dict[str, float]:
@@ -209,11 +209,11 @@ def route_cuts(config: Path, run_dir: Path, seed: int, overrides: list[str]) -> 
     direction, not what the task needs.
     """
     cfg = run_config(config, run_dir, seed, overrides)
-    state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
     model = build_model(cfg)
     switches = getattr(model, "config", None)
     if switches is None or not switches.multiscale:
         return {}
+    state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
     model.load_state_dict(state)
     cuts = {}
     if switches.top_down:

@@ -35,7 +35,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import yaml
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -52,11 +51,12 @@ from trainlib.building import (
 )
 from trainlib.config import Config, ConfigError, all_keys, load_config, to_dict
 from trainlib.data import ResumableSampler, SeededSamples
+from trainlib.evaluation import all_reduce, evaluate, load_dataset
 from trainlib.logger import MetricsLogger
 from trainlib.pipeline import DevicePrefetcher, DeviceStage, collate_crops, erasing_seed
 
 import atlas  # noqa: F401  (registers the Atlas models with timm)
-from atlas.datasets import build_dataset, collate_skip_unreadable
+from atlas.datasets import collate_skip_unreadable
 
 PREEMPTED = 75  # exit status after saving on SIGTERM/SIGUSR1 (EX_TEMPFAIL): run again with --resume auto
 INTERRUPTED = 130  # exit status after Ctrl-C (SIGINT), saved or not (128 + SIGINT, as a shell reports it)
@@ -174,19 +174,6 @@ def launch_local(nproc: int, argv: list[str]) -> int:
 # -- building blocks ---------------------------------------------------------------------------------------
 
 
-def load_dataset(cfg: Config, split: str, transform):
-    """The split of the configured dataset; a missing path or wrong layout becomes a TrainingError."""
-    options = dict(num_classes=cfg.data.num_classes, **cfg.data.kwargs)
-    if cfg.data.root is not None:
-        options["root"] = cfg.data.root
-    if cfg.data.name == "imagefolder":  # decode to as many channels as the model takes
-        options.setdefault("channels", cfg.model.kwargs.get("in_chans", 3))
-    try:
-        return build_dataset(cfg.data.name, split, transform, **options)
-    except (FileNotFoundError, ValueError) as e:
-        raise TrainingError(f"data ({cfg.data.name}, {split}): {e}") from None
-
-
 def setup_distributed(device_name: str, rank: int, world: int, distributed: bool) -> torch.device:
     """The device of this process; under torchrun (``distributed``) also the process group (NCCL on GPUs, gloo
     on CPU), with one process as with several."""
@@ -200,12 +187,6 @@ def setup_distributed(device_name: str, rank: int, world: int, distributed: bool
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
         assert dist.get_rank() == rank and dist.get_world_size() == world
     return device
-
-
-def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor
 
 
 def gather_objects(obj, world: int) -> list:
@@ -224,31 +205,6 @@ def device_batches(loader: DataLoader, device: torch.device, stage: DeviceStage 
         return
     for images, labels, skipped in loader:
         yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True), skipped
-
-
-def evaluate(model: nn.Module, batches, device: torch.device, autocast, channels_last: bool) -> dict:
-    """Top-1, top-5 (%) and cross-entropy over this rank's shard, summed over all ranks; also the number of
-    images whose logits are not finite (they count as misses)."""
-    model.eval()
-    sums = torch.zeros(6, dtype=torch.float64, device=device)  # loss, top-1, top-5 hits, images, skipped, non-finite
-    for images, labels, skipped in batches:
-        if len(labels) == 0:  # every image of the batch was unreadable
-            sums[4] += skipped
-            continue
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast():
-            logits = model(images).float()
-        finite = logits.isfinite().all(dim=1)
-        hits = (logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]) & finite[:, None]
-        loss = F.cross_entropy(logits, labels, reduction="sum")
-        counts = torch.tensor([len(labels), skipped, (~finite).sum()], device=device)
-        sums += torch.stack([loss, hits[:, 0].sum(), hits.any(1).sum(), *counts])
-    loss, top1, top5, count, skipped, nonfinite = all_reduce(sums).tolist()
-    if count == 0:
-        raise TrainingError("the validation set yielded no readable images")
-    metrics = {"top1": 100 * top1 / count, "top5": 100 * top5 / count, "loss": loss / count}
-    return {**metrics, "skipped": int(skipped), "images": int(count), "nonfinite": int(nonfinite)}
 
 
 def peak_memory_gb(device: torch.device) -> float:

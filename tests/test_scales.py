@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from atlas import AtlasConfig, MultiScaleLayout
+from atlas.msa import BlockGeometry
 from atlas.scales import map_to_windows, window_key_mask, windows_to_map
 
 
@@ -55,3 +56,20 @@ def test_window_round_trip_and_mask():
 def test_describe_lists_every_scale():
     text = MultiScaleLayout((64, 64)).describe()
     assert "64x64" in text and "16x16" in text and len(text.splitlines()) == 3
+
+
+def test_top_down_key_mask_is_the_stored_mask_or_all_keys_real():
+    """BlockGeometry.top_down_key_mask: the padding mask where one is stored, else every key of the windows read."""
+    for layout in (MultiScaleLayout((16, 16), 4, 2), MultiScaleLayout((22, 26), 4, 2)):
+        for first in range(layout.num_scales):
+            geo = BlockGeometry.build(layout, first, "containing", top_down=True)
+            for l, stored in enumerate(geo.top_down_masks):
+                mask = geo.top_down_key_mask(l)
+                keys = sum(sc.tokens_per_window for sc in geo.scales[l:])
+                assert mask.shape == (geo.scales[l].num_windows, keys) and mask.dtype == torch.bool
+                assert torch.equal(mask, stored) if stored is not None else bool(mask.all())
+        no_top_down = BlockGeometry.build(layout, 0, "containing", top_down=False)
+        assert no_top_down.top_down_key_mask(0).shape == (
+            layout.scales[0].num_windows,
+            layout.scales[0].tokens_per_window,
+        )
